@@ -1,0 +1,320 @@
+//! Pipelines: the compiled, immutable graph that receivers dispatch into.
+//!
+//! A [`Pipelines`] value is built completely from a validated config, then swapped in whole
+//! (arc-swap). Running pieces whose config did not change are carried into the new value
+//! untouched, so their state and queues survive a reload; the rest drain on the old value.
+
+mod runner;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use metrics::{Counter, Gauge};
+use serde_yaml::Value;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AgentConfig, ComponentId, PipelineSpec};
+use crate::exporter::ExporterHandle;
+use crate::otlp::Batch;
+use crate::telemetry;
+
+/// How long a receiver waits for room in a full pipeline before refusing the request.
+pub const BACKPRESSURE_WAIT: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error("exporters.{id}: {message}")]
+    Exporter { id: ComponentId, message: String },
+}
+
+/// Why a batch could not be handed to every pipeline that must take it.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DispatchError {
+    #[error("pipeline {pipeline:?} is full")]
+    Full { pipeline: String },
+    #[error("pipeline {pipeline:?} is closed")]
+    Closed { pipeline: String },
+}
+
+/// The input side of one running pipeline.
+pub struct PipelineInput {
+    pub name: String,
+    pub shadow: bool,
+    tx: mpsc::Sender<Arc<Batch>>,
+    incoming: Counter,
+    dropped_queue_full: Counter,
+    queue_size: Gauge,
+}
+
+impl PipelineInput {
+    fn record_queue(&self) {
+        self.queue_size
+            .set((self.tx.max_capacity() - self.tx.capacity()) as f64);
+    }
+}
+
+/// A running pipeline and the config it runs, for reload diffs.
+pub struct RunningPipeline {
+    pub input: Arc<PipelineInput>,
+    fingerprint: Fingerprint,
+}
+
+/// Everything a pipeline's runtime depends on; equal fingerprints mean it can be kept.
+#[derive(Debug, PartialEq)]
+struct Fingerprint {
+    processors: Vec<(ComponentId, Value)>,
+    exporters: Vec<(ComponentId, Value)>,
+    shadow: bool,
+    queue_size: usize,
+}
+
+/// Where one receiver's batches go.
+pub struct Route {
+    targets: Vec<Arc<PipelineInput>>,
+    needs_decoded: bool,
+}
+
+impl Route {
+    /// Whether a pipeline downstream changes data and so needs the decoded form.
+    pub fn needs_decoded(&self) -> bool {
+        self.needs_decoded
+    }
+
+    /// Hands `batch` to every pipeline. Pipelines that are not shadow must all take it, or
+    /// none does (the sender retries the whole request, so nothing is delivered twice);
+    /// a full shadow pipeline drops its copy and counts it.
+    pub async fn dispatch(&self, batch: Arc<Batch>) -> Result<(), DispatchError> {
+        let points = batch.data_points();
+        let deadline = tokio::time::Instant::now() + BACKPRESSURE_WAIT;
+        let mut permits = Vec::with_capacity(self.targets.len());
+        for target in self.targets.iter().filter(|t| !t.shadow) {
+            let permit = match target.tx.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    return Err(DispatchError::Closed {
+                        pipeline: target.name.clone(),
+                    })
+                }
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    match tokio::time::timeout_at(deadline, target.tx.reserve()).await {
+                        Ok(Ok(permit)) => permit,
+                        Ok(Err(_)) => {
+                            return Err(DispatchError::Closed {
+                                pipeline: target.name.clone(),
+                            })
+                        }
+                        Err(_) => {
+                            return Err(DispatchError::Full {
+                                pipeline: target.name.clone(),
+                            })
+                        }
+                    }
+                }
+            };
+            permits.push((target, permit));
+        }
+        for (target, permit) in permits {
+            permit.send(batch.clone());
+            target.incoming.increment(points);
+            target.record_queue();
+        }
+        for target in self.targets.iter().filter(|t| t.shadow) {
+            if target.tx.try_send(batch.clone()).is_ok() {
+                target.incoming.increment(points);
+            } else {
+                target.dropped_queue_full.increment(points);
+            }
+            target.record_queue();
+        }
+        Ok(())
+    }
+}
+
+/// The running pipelines of one config.
+pub struct Pipelines {
+    pub config: Arc<AgentConfig>,
+    routes: HashMap<String, Route>,
+    running: IndexMap<String, Arc<RunningPipeline>>,
+    exporters: HashMap<ComponentId, (Value, Arc<ExporterHandle>)>,
+}
+
+impl Pipelines {
+    /// A value with no pipelines: what is left once shutdown has let go of the last one.
+    pub fn empty(config: Arc<AgentConfig>) -> Self {
+        Self {
+            config,
+            routes: HashMap::new(),
+            running: IndexMap::new(),
+            exporters: HashMap::new(),
+        }
+    }
+
+    pub fn route(&self, receiver: &str) -> Option<&Route> {
+        self.routes.get(receiver)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.running.keys().map(String::as_str)
+    }
+
+    /// Builds the pipelines of `config`, keeping whatever of `previous` is unchanged.
+    /// New runners and exporters are spawned on `tracker`, which shutdown waits on.
+    pub fn build(
+        config: Arc<AgentConfig>,
+        previous: Option<&Pipelines>,
+        tracker: &TaskTracker,
+    ) -> Result<Self, BuildError> {
+        let mut exporters = HashMap::new();
+        for spec in config.pipelines.values() {
+            for name in &spec.exporters {
+                let Some(component) = config.exporters.iter().find(|(id, _)| id.as_str() == name)
+                else {
+                    continue; // validation guarantees every reference resolves
+                };
+                let (id, component) = component;
+                if exporters.contains_key(id) {
+                    continue;
+                }
+                let kept = previous
+                    .and_then(|p| p.exporters.get(id))
+                    .filter(|(raw, _)| *raw == component.raw)
+                    .map(|(_, handle)| handle.clone());
+                let handle =
+                    match kept {
+                        Some(handle) => handle,
+                        None => {
+                            let exporter = component.config.build(id).map_err(|message| {
+                                BuildError::Exporter {
+                                    id: id.clone(),
+                                    message,
+                                }
+                            })?;
+                            ExporterHandle::start(
+                                id.clone(),
+                                exporter,
+                                component.config.delivery(),
+                                tracker,
+                            )
+                        }
+                    };
+                exporters.insert(id.clone(), (component.raw.clone(), handle));
+            }
+        }
+
+        let mut running = IndexMap::new();
+        for (name, spec) in &config.pipelines {
+            let fingerprint = fingerprint(&config, spec);
+            let kept = previous
+                .and_then(|p| p.running.get(name))
+                .filter(|r| r.fingerprint == fingerprint)
+                .cloned();
+            let pipeline = match kept {
+                Some(pipeline) => pipeline,
+                None => start_pipeline(name, spec, &config, &exporters, fingerprint, tracker),
+            };
+            running.insert(name.clone(), pipeline);
+        }
+
+        let mut routes: HashMap<String, Route> = HashMap::new();
+        for (name, spec) in &config.pipelines {
+            let needs_decoded = spec.processors.iter().any(|p| {
+                config
+                    .processors
+                    .iter()
+                    .any(|(id, c)| id.as_str() == p && c.config.reads_decoded())
+            });
+            for receiver in &spec.receivers {
+                let route = routes.entry(receiver.clone()).or_insert_with(|| Route {
+                    targets: Vec::new(),
+                    needs_decoded: false,
+                });
+                if let Some(pipeline) = running.get(name) {
+                    route.targets.push(pipeline.input.clone());
+                }
+                route.needs_decoded |= needs_decoded;
+            }
+        }
+
+        Ok(Self {
+            config,
+            routes,
+            running,
+            exporters,
+        })
+    }
+}
+
+fn fingerprint(config: &AgentConfig, spec: &PipelineSpec) -> Fingerprint {
+    let lookup = |ids: &[String], raw_of: &dyn Fn(&str) -> Option<(ComponentId, Value)>| {
+        ids.iter().filter_map(|id| raw_of(id)).collect::<Vec<_>>()
+    };
+    Fingerprint {
+        processors: lookup(&spec.processors, &|id| {
+            config
+                .processors
+                .iter()
+                .find(|(k, _)| k.as_str() == id)
+                .map(|(k, c)| (k.clone(), c.raw.clone()))
+        }),
+        exporters: lookup(&spec.exporters, &|id| {
+            config
+                .exporters
+                .iter()
+                .find(|(k, _)| k.as_str() == id)
+                .map(|(k, c)| (k.clone(), c.raw.clone()))
+        }),
+        shadow: spec.shadow,
+        queue_size: spec.queue_size,
+    }
+}
+
+fn start_pipeline(
+    name: &str,
+    spec: &PipelineSpec,
+    config: &AgentConfig,
+    exporters: &HashMap<ComponentId, (Value, Arc<ExporterHandle>)>,
+    fingerprint: Fingerprint,
+    tracker: &TaskTracker,
+) -> Arc<RunningPipeline> {
+    let (tx, rx) = mpsc::channel(spec.queue_size);
+    let queue_label = format!("pipeline/{name}");
+    metrics::gauge!(telemetry::QUEUE_CAPACITY, "queue" => queue_label.clone())
+        .set(spec.queue_size as f64);
+    let input = Arc::new(PipelineInput {
+        name: name.to_string(),
+        shadow: spec.shadow,
+        tx,
+        incoming: metrics::counter!(telemetry::PIPELINE_INCOMING, "pipeline" => name.to_string()),
+        dropped_queue_full: metrics::counter!(telemetry::PIPELINE_DROPPED, "pipeline" => name.to_string(), "reason" => "queue_full"),
+        queue_size: metrics::gauge!(telemetry::QUEUE_SIZE, "queue" => queue_label),
+    });
+    let stages = spec
+        .processors
+        .iter()
+        .filter_map(|p| config.processors.iter().find(|(id, _)| id.as_str() == p))
+        .map(|(id, c)| runner::Stage::new(name, id, c.config.build(id)))
+        .collect();
+    let outputs = spec
+        .exporters
+        .iter()
+        .filter_map(|e| {
+            exporters
+                .iter()
+                .find(|(id, _)| id.as_str() == e)
+                .map(|(_, (_, h))| h.clone())
+        })
+        .collect();
+    tracker.spawn(runner::run(
+        name.to_string(),
+        rx,
+        stages,
+        outputs,
+        spec.shadow,
+        input.queue_size.clone(),
+    ));
+    Arc::new(RunningPipeline { input, fingerprint })
+}

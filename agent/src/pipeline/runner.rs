@@ -1,0 +1,135 @@
+//! The task that drives one pipeline: takes batches off its queue, runs them through the
+//! processors in order, meters the output and hands it to the exporters. It also delivers
+//! processor deadlines, and flushes everything once its queue is closed and empty.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics::{Counter, Gauge};
+use tokio::sync::mpsc;
+
+use crate::config::ComponentId;
+use crate::exporter::{ExportItem, ExporterHandle};
+use crate::otlp::{Batch, Payload};
+use crate::processor::Processor;
+use crate::stats::VolumeMeter;
+use crate::telemetry;
+
+pub struct Stage {
+    id: ComponentId,
+    processor: Box<dyn Processor>,
+    incoming: Counter,
+    outgoing: Counter,
+    dropped: Counter,
+}
+
+impl Stage {
+    pub fn new(pipeline: &str, id: &ComponentId, processor: Box<dyn Processor>) -> Self {
+        let (p, c) = (pipeline.to_string(), id.to_string());
+        Self {
+            id: id.clone(),
+            processor,
+            incoming: metrics::counter!(telemetry::PROCESSOR_INCOMING, "pipeline" => p.clone(), "processor" => c.clone()),
+            outgoing: metrics::counter!(telemetry::PROCESSOR_OUTGOING, "pipeline" => p.clone(), "processor" => c),
+            dropped: metrics::counter!(telemetry::PIPELINE_DROPPED, "pipeline" => p, "reason" => "processor_error"),
+        }
+    }
+}
+
+/// Runs `payloads` through `stages`, returning what leaves the last one.
+fn run_stages(stages: &mut [Stage], mut payloads: Vec<Payload>) -> Vec<Payload> {
+    for stage in stages {
+        if payloads.is_empty() {
+            break;
+        }
+        let mut next = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            let points = payload.data_points();
+            stage.incoming.increment(points);
+            if let Err(err) = stage.processor.process(payload, &mut next) {
+                tracing::warn!(processor = %stage.id, error = %err, "processor dropped a batch");
+                stage.dropped.increment(points);
+            }
+        }
+        stage
+            .outgoing
+            .increment(next.iter().map(Payload::data_points).sum());
+        payloads = next;
+    }
+    payloads
+}
+
+struct Output {
+    meter: VolumeMeter,
+    exporters: Vec<Arc<ExporterHandle>>,
+    /// A shadow pipeline never waits for its exporters: it drops and counts instead.
+    shadow: bool,
+}
+
+impl Output {
+    async fn emit(&mut self, payloads: Vec<Payload>) {
+        for payload in payloads {
+            let data_points = payload.data_points();
+            let bytes = payload.into_bytes();
+            self.meter.observe(&bytes, data_points);
+            for exporter in &self.exporters {
+                let item = ExportItem {
+                    bytes: bytes.clone(),
+                    data_points,
+                };
+                exporter.submit(item, !self.shadow).await;
+            }
+        }
+    }
+}
+
+pub async fn run(
+    name: String,
+    mut rx: mpsc::Receiver<Arc<Batch>>,
+    mut stages: Vec<Stage>,
+    exporters: Vec<Arc<ExporterHandle>>,
+    shadow: bool,
+    queue_size: Gauge,
+) {
+    let mut output = Output {
+        meter: VolumeMeter::new(&name),
+        exporters,
+        shadow,
+    };
+    loop {
+        let next_deadline = stages
+            .iter()
+            .filter_map(|s| s.processor.deadline())
+            .fold(output.meter.next_rotation(), Instant::min);
+        tokio::select! {
+            received = rx.recv() => {
+                let Some(batch) = received else { break };
+                queue_size.set(rx.len() as f64);
+                let out = run_stages(&mut stages, vec![Payload::Shared(batch)]);
+                output.emit(out).await;
+            }
+            () = tokio::time::sleep_until(next_deadline.into()) => {
+                let now = Instant::now();
+                for i in 0..stages.len() {
+                    if stages[i].processor.deadline().is_some_and(|d| d <= now) {
+                        let mut out = Vec::new();
+                        stages[i].processor.on_deadline(now, &mut out);
+                        let out = run_stages(&mut stages[i + 1..], out);
+                        output.emit(out).await;
+                    }
+                }
+                output.meter.rotate_if_due(now);
+            }
+        }
+    }
+    // The queue is closed and empty: every sender is gone. Flush stage by stage, each
+    // flush running through the stages after it.
+    for i in 0..stages.len() {
+        let mut out = Vec::new();
+        stages[i].processor.flush(&mut out);
+        let out = run_stages(&mut stages[i + 1..], out);
+        output.emit(out).await;
+    }
+    output.meter.rotate_if_due(output.meter.next_rotation());
+    tracing::debug!(pipeline = %name, "pipeline drained");
+}

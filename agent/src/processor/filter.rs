@@ -1,0 +1,1276 @@
+//! `filter`: keeps or drops whole resources, whole metrics and single data points by metric
+//! name and attribute value, then prunes the scopes and resources left empty.
+//!
+//! Every pattern is compiled once when the config is parsed. On the hot path nothing is
+//! allocated per data point: vectors are filtered in place with `retain`, string attribute
+//! values are matched as `&str`, and numbers and booleans are rendered into one reused
+//! buffer. A shared batch the filter would not change is passed on as is, neither copied nor
+//! re-encoded.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+
+use ahash::AHashSet;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use indexmap::IndexMap;
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use regex::Regex;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::{ProcessError, Processor, ProcessorConfig, ProcessorFactory};
+use crate::config::{self, ComponentId, Issue};
+use crate::otlp::{prune_empty, ExportMetricsServiceRequest, Payload};
+
+pub const FACTORY: ProcessorFactory = ProcessorFactory {
+    type_name: "filter",
+    parse,
+};
+
+/// The prefix that makes a pattern a regular expression.
+pub const REGEX_PREFIX: &str = "regex:";
+
+/// Config of the `filter` processor.
+///
+/// A data point is kept when it matches `include` (or there is none) and does not match
+/// `exclude` (or there is none): exclude wins over include. A block matches when all of its
+/// criteria do (they are ANDed); a criterion left out does not constrain. Resource criteria
+/// decide whole `ResourceMetrics` (a resource failing `include.resource_attributes` is
+/// dropped with everything in it), metric-name criteria decide whole metrics, and data point
+/// criteria decide single points. Scopes and resources left without data points are then
+/// removed.
+///
+/// Patterns: a plain string matches exactly; a string holding a glob metacharacter (`*`, `?`
+/// or `[`) is a glob over the whole value; `regex:` followed by a regular expression matches
+/// wherever the expression matches, so anchor it (`regex:^system\.`) to match a prefix. To
+/// match a literal `*`, `?` or `[`, use a regex.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawFilterConfig {
+    /// What to keep: if present, a data point must match it to be kept.
+    #[serde(default, deserialize_with = "present")]
+    pub include: Option<RawCriteria>,
+    /// What to drop: a data point matching it is dropped, even if it matches `include`.
+    #[serde(default, deserialize_with = "present")]
+    pub exclude: Option<RawCriteria>,
+}
+
+/// The criteria of one `include` or `exclude` block, ANDed; at least one is required.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawCriteria {
+    /// Patterns for the metric name; a metric matches when any one of them does.
+    #[serde(default, deserialize_with = "present")]
+    pub metric_names: Option<Vec<PatternText>>,
+    /// Resource attribute key to value patterns. A resource matches when every listed key is
+    /// present with a value that matches one of its patterns. String values are matched as
+    /// they are; integer, double and boolean values by their text (`1234`, `0.5`, `true`);
+    /// other values never match.
+    #[serde(default, deserialize_with = "present")]
+    pub resource_attributes: Option<IndexMap<String, Vec<PatternText>>>,
+    /// Data point attribute key to value patterns, matched like `resource_attributes` but
+    /// against each data point's own attributes, so points are kept or dropped one by one.
+    #[serde(default, deserialize_with = "present")]
+    pub datapoint_attributes: Option<IndexMap<String, Vec<PatternText>>>,
+}
+
+/// A pattern as written. YAML numbers and booleans are accepted as their text, so
+/// `process.pid: [1234]` needs no quotes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternText(pub String);
+
+impl<'de> Deserialize<'de> for PatternText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PatternVisitor;
+
+        impl Visitor<'_> for PatternVisitor {
+            type Value = PatternText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a pattern: a string, number or boolean")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<PatternText, E> {
+                Ok(PatternText(v))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+        }
+
+        deserializer.deserialize_any(PatternVisitor)
+    }
+}
+
+/// A key that is present counts even with an empty value (`include:`), so that it is
+/// validated instead of silently ignored.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Some(
+        Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
+    ))
+}
+
+fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
+    let raw: RawFilterConfig = config::deserialize(value).map_err(|i| vec![i])?;
+    let mut issues = Vec::new();
+    if raw.include.is_none() && raw.exclude.is_none() {
+        issues.push(Issue::new(
+            "",
+            "needs `include`, `exclude` or both; a filter without either would keep everything",
+        ));
+    }
+    let include = raw
+        .include
+        .as_ref()
+        .and_then(|c| Criteria::compile(c, "include", &mut issues));
+    let exclude = raw
+        .exclude
+        .as_ref()
+        .and_then(|c| Criteria::compile(c, "exclude", &mut issues));
+    if issues.is_empty() {
+        Ok(Arc::new(FilterConfig {
+            filter: Arc::new(Filter { include, exclude }),
+        }))
+    } else {
+        Err(issues)
+    }
+}
+
+/// Compiled patterns: a value matches when any one of them does.
+#[derive(Debug)]
+struct Matcher {
+    exact: Exact,
+    globs: Option<GlobSet>,
+    regexes: Vec<Regex>,
+}
+
+/// Exact patterns: a short list is scanned, a long one hashed.
+#[derive(Debug)]
+enum Exact {
+    Few(Vec<String>),
+    Many(AHashSet<String>),
+}
+
+/// From this many exact patterns on, they are looked up in a hash set.
+const EXACT_SET_MIN: usize = 8;
+
+impl Matcher {
+    /// Compiles the patterns listed at `path`, reporting every bad one.
+    fn compile(patterns: &[PatternText], path: &str, issues: &mut Vec<Issue>) -> Option<Self> {
+        if patterns.is_empty() {
+            issues.push(Issue::new(path, "must list at least one pattern"));
+            return None;
+        }
+        let issues_before = issues.len();
+        let mut exact = Vec::new();
+        let mut globs = GlobSetBuilder::new();
+        let mut glob_count = 0;
+        let mut regexes = Vec::new();
+        for (i, PatternText(pattern)) in patterns.iter().enumerate() {
+            if let Some(regex) = pattern.strip_prefix(REGEX_PREFIX) {
+                match Regex::new(regex) {
+                    Ok(regex) => regexes.push(regex),
+                    Err(err) => issues.push(Issue::new(
+                        format!("{path}[{i}]"),
+                        format!("invalid regex {regex:?}: {err}"),
+                    )),
+                }
+            } else if pattern.contains(['*', '?', '[']) {
+                match Glob::new(pattern) {
+                    Ok(glob) => {
+                        globs.add(glob);
+                        glob_count += 1;
+                    }
+                    Err(err) => issues.push(Issue::new(
+                        format!("{path}[{i}]"),
+                        format!("invalid glob {pattern:?}: {err}"),
+                    )),
+                }
+            } else {
+                exact.push(pattern.clone());
+            }
+        }
+        let globs = if glob_count == 0 {
+            None
+        } else {
+            match globs.build() {
+                Ok(set) => Some(set),
+                Err(err) => {
+                    issues.push(Issue::new(path, format!("invalid globs: {err}")));
+                    None
+                }
+            }
+        };
+        if issues.len() > issues_before {
+            return None;
+        }
+        let exact = if exact.len() >= EXACT_SET_MIN {
+            Exact::Many(exact.into_iter().collect())
+        } else {
+            Exact::Few(exact)
+        };
+        Some(Self {
+            exact,
+            globs,
+            regexes,
+        })
+    }
+
+    fn is_match(&self, value: &str) -> bool {
+        let exact = match &self.exact {
+            Exact::Few(list) => list.iter().any(|e| e == value),
+            Exact::Many(set) => set.contains(value),
+        };
+        exact
+            || self.globs.as_ref().is_some_and(|g| g.is_match(value))
+            || self.regexes.iter().any(|r| r.is_match(value))
+    }
+}
+
+/// One attribute key whose value must match.
+#[derive(Debug)]
+struct AttributeCriterion {
+    key: String,
+    values: Matcher,
+}
+
+impl AttributeCriterion {
+    fn compile_all(
+        raw: &IndexMap<String, Vec<PatternText>>,
+        path: &str,
+        issues: &mut Vec<Issue>,
+    ) -> Vec<Self> {
+        if raw.is_empty() {
+            issues.push(Issue::new(path, "must list at least one attribute key"));
+        }
+        raw.iter()
+            .filter_map(|(key, patterns)| {
+                if key.is_empty() {
+                    issues.push(Issue::new(path, "attribute keys must not be empty"));
+                    return None;
+                }
+                Matcher::compile(patterns, &format!("{path}.{key}"), issues).map(|values| Self {
+                    key: key.clone(),
+                    values,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether `attributes` holds this key (its first occurrence) with a matching value.
+    fn matches(&self, attributes: &[KeyValue], scratch: &mut String) -> bool {
+        let value = attributes
+            .iter()
+            .find(|kv| kv.key == self.key)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.as_ref());
+        match value {
+            Some(any_value::Value::StringValue(s)) => self.values.is_match(s),
+            Some(any_value::Value::BoolValue(b)) => {
+                self.values.is_match(if *b { "true" } else { "false" })
+            }
+            Some(any_value::Value::IntValue(i)) => {
+                self.rendered_matches(scratch, format_args!("{i}"))
+            }
+            Some(any_value::Value::DoubleValue(d)) => {
+                self.rendered_matches(scratch, format_args!("{d}"))
+            }
+            _ => false,
+        }
+    }
+
+    fn rendered_matches(&self, scratch: &mut String, value: fmt::Arguments<'_>) -> bool {
+        scratch.clear();
+        // Writing to a String cannot fail.
+        let _ = scratch.write_fmt(value);
+        self.values.is_match(scratch)
+    }
+}
+
+/// Whether every criterion matches; true when there are none.
+fn all_match(
+    criteria: &[AttributeCriterion],
+    attributes: &[KeyValue],
+    scratch: &mut String,
+) -> bool {
+    criteria.iter().all(|c| c.matches(attributes, scratch))
+}
+
+/// A compiled `include` or `exclude` block.
+#[derive(Debug)]
+struct Criteria {
+    metric_names: Option<Matcher>,
+    resource_attributes: Vec<AttributeCriterion>,
+    datapoint_attributes: Vec<AttributeCriterion>,
+}
+
+impl Criteria {
+    fn compile(raw: &RawCriteria, path: &str, issues: &mut Vec<Issue>) -> Option<Self> {
+        if raw.metric_names.is_none()
+            && raw.resource_attributes.is_none()
+            && raw.datapoint_attributes.is_none()
+        {
+            issues.push(Issue::new(
+                path,
+                "needs at least one of metric_names, resource_attributes, datapoint_attributes",
+            ));
+            return None;
+        }
+        let issues_before = issues.len();
+        let metric_names = raw
+            .metric_names
+            .as_ref()
+            .and_then(|p| Matcher::compile(p, &format!("{path}.metric_names"), issues));
+        let resource_attributes = raw
+            .resource_attributes
+            .as_ref()
+            .map(|r| {
+                AttributeCriterion::compile_all(r, &format!("{path}.resource_attributes"), issues)
+            })
+            .unwrap_or_default();
+        let datapoint_attributes = raw
+            .datapoint_attributes
+            .as_ref()
+            .map(|r| {
+                AttributeCriterion::compile_all(r, &format!("{path}.datapoint_attributes"), issues)
+            })
+            .unwrap_or_default();
+        (issues.len() == issues_before).then_some(Self {
+            metric_names,
+            resource_attributes,
+            datapoint_attributes,
+        })
+    }
+
+    fn name_matches(&self, name: &str) -> bool {
+        self.metric_names.as_ref().is_none_or(|m| m.is_match(name))
+    }
+}
+
+/// The compiled filter, shared by every instance built from one config.
+#[derive(Debug)]
+struct Filter {
+    include: Option<Criteria>,
+    exclude: Option<Criteria>,
+}
+
+/// What the resource and name criteria decided for one metric.
+enum MetricVerdict<'a> {
+    Drop,
+    KeepAll,
+    PerPoint(PointRule<'a>),
+}
+
+/// The data point criteria left to check on each point of one metric.
+struct PointRule<'a> {
+    /// Must all match (include); empty when include has none.
+    require: &'a [AttributeCriterion],
+    /// If present, drops the points they all match (exclude).
+    reject: Option<&'a [AttributeCriterion]>,
+}
+
+impl PointRule<'_> {
+    fn keep(&self, attributes: &[KeyValue], scratch: &mut String) -> bool {
+        all_match(self.require, attributes, scratch)
+            && !self
+                .reject
+                .is_some_and(|reject| all_match(reject, attributes, scratch))
+    }
+}
+
+impl Filter {
+    /// `None` drops the resource with everything in it; `Some(exclude_live)` keeps it and
+    /// says whether `exclude` still applies to its metrics (its resource criteria matched).
+    fn resource_verdict(&self, resource: Option<&Resource>, scratch: &mut String) -> Option<bool> {
+        let attributes = resource.map_or(&[][..], |r| &r.attributes[..]);
+        if let Some(include) = &self.include {
+            if !all_match(&include.resource_attributes, attributes, scratch) {
+                return None;
+            }
+        }
+        let Some(exclude) = &self.exclude else {
+            return Some(false);
+        };
+        let exclude_live = all_match(&exclude.resource_attributes, attributes, scratch);
+        if exclude_live && exclude.metric_names.is_none() && exclude.datapoint_attributes.is_empty()
+        {
+            return None;
+        }
+        Some(exclude_live)
+    }
+
+    fn metric_verdict(&self, exclude_live: bool, name: &str) -> MetricVerdict<'_> {
+        let mut require: &[AttributeCriterion] = &[];
+        if let Some(include) = &self.include {
+            if !include.name_matches(name) {
+                return MetricVerdict::Drop;
+            }
+            require = &include.datapoint_attributes;
+        }
+        let mut reject = None;
+        if let Some(exclude) = &self.exclude {
+            if exclude_live && exclude.name_matches(name) {
+                if exclude.datapoint_attributes.is_empty() {
+                    return MetricVerdict::Drop;
+                }
+                reject = Some(&exclude.datapoint_attributes[..]);
+            }
+        }
+        if require.is_empty() && reject.is_none() {
+            MetricVerdict::KeepAll
+        } else {
+            MetricVerdict::PerPoint(PointRule { require, reject })
+        }
+    }
+
+    /// Filters `request` in place and prunes what became empty.
+    fn apply(&self, request: &mut ExportMetricsServiceRequest, scratch: &mut String) {
+        request.resource_metrics.retain_mut(|rm| {
+            let Some(exclude_live) = self.resource_verdict(rm.resource.as_ref(), scratch) else {
+                return false;
+            };
+            for sm in &mut rm.scope_metrics {
+                sm.metrics.retain_mut(|metric| {
+                    match self.metric_verdict(exclude_live, &metric.name) {
+                        MetricVerdict::Drop => false,
+                        MetricVerdict::KeepAll => true,
+                        MetricVerdict::PerPoint(rule) => {
+                            if let Some(data) = &mut metric.data {
+                                retain_points(data, |attributes| rule.keep(attributes, scratch));
+                            }
+                            true
+                        }
+                    }
+                });
+            }
+            true
+        });
+        prune_empty(request);
+    }
+
+    /// Whether [`Filter::apply`] would drop anything from `request`; stops at the first drop.
+    fn drops_any(&self, request: &ExportMetricsServiceRequest, scratch: &mut String) -> bool {
+        request.resource_metrics.iter().any(|rm| {
+            let Some(exclude_live) = self.resource_verdict(rm.resource.as_ref(), scratch) else {
+                return true;
+            };
+            rm.scope_metrics
+                .iter()
+                .flat_map(|sm| &sm.metrics)
+                .any(
+                    |metric| match self.metric_verdict(exclude_live, &metric.name) {
+                        MetricVerdict::Drop => true,
+                        MetricVerdict::KeepAll => false,
+                        MetricVerdict::PerPoint(rule) => metric.data.as_ref().is_some_and(|data| {
+                            any_point(data, |attributes| !rule.keep(attributes, scratch))
+                        }),
+                    },
+                )
+        })
+    }
+}
+
+/// Keeps the data points, of whatever type, whose attributes satisfy `keep`.
+fn retain_points(data: &mut Data, mut keep: impl FnMut(&[KeyValue]) -> bool) {
+    match data {
+        Data::Gauge(g) => g.data_points.retain(|p| keep(&p.attributes)),
+        Data::Sum(s) => s.data_points.retain(|p| keep(&p.attributes)),
+        Data::Histogram(h) => h.data_points.retain(|p| keep(&p.attributes)),
+        Data::ExponentialHistogram(h) => h.data_points.retain(|p| keep(&p.attributes)),
+        Data::Summary(s) => s.data_points.retain(|p| keep(&p.attributes)),
+    }
+}
+
+/// Whether any data point's attributes satisfy `pred`.
+fn any_point(data: &Data, mut pred: impl FnMut(&[KeyValue]) -> bool) -> bool {
+    match data {
+        Data::Gauge(g) => g.data_points.iter().any(|p| pred(&p.attributes)),
+        Data::Sum(s) => s.data_points.iter().any(|p| pred(&p.attributes)),
+        Data::Histogram(h) => h.data_points.iter().any(|p| pred(&p.attributes)),
+        Data::ExponentialHistogram(h) => h.data_points.iter().any(|p| pred(&p.attributes)),
+        Data::Summary(s) => s.data_points.iter().any(|p| pred(&p.attributes)),
+    }
+}
+
+/// The parsed and compiled config of one `filter` processor.
+#[derive(Debug)]
+pub struct FilterConfig {
+    filter: Arc<Filter>,
+}
+
+impl ProcessorConfig for FilterConfig {
+    fn build(&self, _id: &ComponentId) -> Box<dyn Processor> {
+        Box::new(FilterProcessor {
+            filter: Arc::clone(&self.filter),
+            scratch: String::new(),
+        })
+    }
+}
+
+struct FilterProcessor {
+    filter: Arc<Filter>,
+    /// Where non-string attribute values are rendered for matching, reused.
+    scratch: String,
+}
+
+impl Processor for FilterProcessor {
+    fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError> {
+        if let Payload::Shared(batch) = &input {
+            // Copying a shared batch is only worth it if something is dropped.
+            if !self.filter.drops_any(batch.decoded()?, &mut self.scratch) {
+                out.push(input);
+                return Ok(());
+            }
+        }
+        let mut request = input.into_request()?;
+        self.filter.apply(&mut request, &mut self.scratch);
+        if !request.resource_metrics.is_empty() {
+            out.push(Payload::Decoded(request));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::otlp::testdata::{
+        all_types, gauge_metric, int_attr, number_point, request, resource_metrics, string_attr,
+        sum_metric,
+    };
+    use crate::otlp::Batch;
+    use crate::processor::test_util::{parse_issues, run};
+    use opentelemetry_proto::tonic::common::v1::AnyValue;
+
+    /// Runs one request through a filter built from `yaml`; `None` if it dropped everything.
+    fn filter(
+        yaml: &str,
+        request: ExportMetricsServiceRequest,
+    ) -> Option<ExportMetricsServiceRequest> {
+        let mut out = run("filter", yaml, vec![Payload::Decoded(request)]);
+        assert!(out.len() <= 1, "one payload in, at most one out");
+        out.pop().map(|p| p.into_request().unwrap())
+    }
+
+    fn render(value: Option<&AnyValue>) -> String {
+        match value.and_then(|v| v.value.as_ref()) {
+            Some(any_value::Value::StringValue(s)) => s.clone(),
+            Some(any_value::Value::IntValue(i)) => i.to_string(),
+            Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+            Some(any_value::Value::BoolValue(b)) => b.to_string(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn render_attributes(attributes: &[KeyValue]) -> String {
+        attributes
+            .iter()
+            .map(|kv| format!("{}={}", kv.key, render(kv.value.as_ref())))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn point_attributes(data: &Data) -> Vec<&[KeyValue]> {
+        match data {
+            Data::Gauge(g) => g.data_points.iter().map(|p| &p.attributes[..]).collect(),
+            Data::Sum(s) => s.data_points.iter().map(|p| &p.attributes[..]).collect(),
+            Data::Histogram(h) => h.data_points.iter().map(|p| &p.attributes[..]).collect(),
+            Data::ExponentialHistogram(h) => {
+                h.data_points.iter().map(|p| &p.attributes[..]).collect()
+            }
+            Data::Summary(s) => s.data_points.iter().map(|p| &p.attributes[..]).collect(),
+        }
+    }
+
+    /// `resource-label metric point-attributes` for every data point, in order. The label is
+    /// the `process.executable.name` of the resource, or its `host.name`.
+    fn points(request: &ExportMetricsServiceRequest) -> Vec<String> {
+        let mut out = Vec::new();
+        for rm in &request.resource_metrics {
+            let attributes = rm.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
+            let label = ["process.executable.name", "host.name"]
+                .iter()
+                .find_map(|k| attributes.iter().find(|kv| kv.key == *k))
+                .map_or("-".to_string(), |kv| render(kv.value.as_ref()));
+            for metric in rm.scope_metrics.iter().flat_map(|sm| &sm.metrics) {
+                for attributes in point_attributes(metric.data.as_ref().unwrap()) {
+                    out.push(format!(
+                        "{label} {} {}",
+                        metric.name,
+                        render_attributes(attributes)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    fn metric_names(request: &ExportMetricsServiceRequest) -> Vec<&str> {
+        request
+            .resource_metrics
+            .iter()
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|sm| &sm.metrics)
+            .map(|m| m.name.as_str())
+            .collect()
+    }
+
+    /// One resource with one single-point sum per name.
+    fn named(names: &[&str]) -> ExportMetricsServiceRequest {
+        let metrics = names
+            .iter()
+            .map(|n| sum_metric(n, vec![number_point(vec![], 1.0)]))
+            .collect();
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![resource_metrics(
+                vec![string_attr("host.name", "n")],
+                metrics,
+            )],
+        }
+    }
+
+    const NAMES: &[&str] = &[
+        "process.cpu.time",
+        "process.cpu.time.total",
+        "process.memory.usage",
+        "process.memory",
+        "system.cpu.load",
+        "my.system.cpu",
+        "other",
+    ];
+
+    #[test]
+    fn include_metric_names_exact_glob_and_regex() {
+        let out = filter(
+            r#"
+include:
+  metric_names: ["process.cpu.time", "process.memory.*", "regex:^system\\."]
+"#,
+            named(NAMES),
+        )
+        .unwrap();
+        assert_eq!(
+            metric_names(&out),
+            [
+                "process.cpu.time",
+                "process.memory.usage",
+                "system.cpu.load"
+            ]
+        );
+    }
+
+    #[test]
+    fn regex_is_unanchored_unless_anchored() {
+        let out = filter("include: {metric_names: ['regex:system']}", named(NAMES)).unwrap();
+        assert_eq!(metric_names(&out), ["system.cpu.load", "my.system.cpu"]);
+        let out = filter("include: {metric_names: ['regex:cpu$']}", named(NAMES)).unwrap();
+        assert_eq!(metric_names(&out), ["my.system.cpu"]);
+    }
+
+    #[test]
+    fn glob_question_mark_and_class() {
+        let out = filter(
+            "include: {metric_names: ['process.memor?', '[os]*']}",
+            named(NAMES),
+        )
+        .unwrap();
+        assert_eq!(
+            metric_names(&out),
+            ["process.memory", "system.cpu.load", "other"]
+        );
+    }
+
+    #[test]
+    fn many_exact_names_use_a_set() {
+        let many: Vec<String> = (0..20).map(|i| format!("'m{i}'")).collect();
+        let yaml = format!(
+            "include: {{metric_names: [{}, 'process.cpu.time']}}",
+            many.join(", ")
+        );
+        let out = filter(&yaml, named(NAMES)).unwrap();
+        assert_eq!(metric_names(&out), ["process.cpu.time"]);
+    }
+
+    #[test]
+    fn exclude_metric_names() {
+        let out = filter(
+            "exclude: {metric_names: ['process.*', 'other']}",
+            named(NAMES),
+        )
+        .unwrap();
+        assert_eq!(metric_names(&out), ["system.cpu.load", "my.system.cpu"]);
+    }
+
+    #[test]
+    fn exclude_wins_over_include() {
+        let out = filter(
+            r#"
+include: {metric_names: ["process.*"]}
+exclude: {metric_names: ["process.cpu.time.*", "regex:usage"]}
+"#,
+            named(NAMES),
+        )
+        .unwrap();
+        assert_eq!(metric_names(&out), ["process.cpu.time", "process.memory"]);
+    }
+
+    #[test]
+    fn include_resource_attributes_drops_whole_resources() {
+        let out = filter(
+            "include: {resource_attributes: {process.executable.name: [proc-1, 'regex:^proc-3$']}}",
+            request(4, 1, 1),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-1 process.metric.0 state=s0",
+                "proc-3 process.metric.0 state=s0"
+            ]
+        );
+    }
+
+    #[test]
+    fn resource_attributes_need_every_key() {
+        // proc-0 has pid 1, proc-1 pid 2, proc-2 pid 3.
+        let yaml = r#"
+include:
+  resource_attributes:
+    process.executable.name: ["proc-*"]
+    process.pid: [2, 3]
+    host.name: [node-1]
+"#;
+        let out = filter(yaml, request(3, 1, 1)).unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-1 process.metric.0 state=s0",
+                "proc-2 process.metric.0 state=s0"
+            ]
+        );
+        // A key the resource lacks never matches.
+        let out = filter(
+            "include: {resource_attributes: {process.executable.name: ['*'], k8s.pod.name: ['*']}}",
+            request(3, 1, 1),
+        );
+        assert!(out.is_none());
+    }
+
+    #[test]
+    fn non_string_values_match_by_their_text() {
+        let resource = |name: &str, value: AnyValue| {
+            resource_metrics(
+                vec![
+                    string_attr("host.name", name),
+                    KeyValue {
+                        key: "v".to_string(),
+                        value: Some(value),
+                        ..Default::default()
+                    },
+                ],
+                vec![gauge_metric("g", vec![number_point(vec![], 1.0)])],
+            )
+        };
+        let value = |v: any_value::Value| AnyValue { value: Some(v) };
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: vec![
+                resource("int", value(any_value::Value::IntValue(-12))),
+                resource("bool", value(any_value::Value::BoolValue(true))),
+                resource("double", value(any_value::Value::DoubleValue(0.5))),
+                resource("whole-double", value(any_value::Value::DoubleValue(2.0))),
+                resource(
+                    "bytes",
+                    value(any_value::Value::BytesValue(b"-12".to_vec())),
+                ),
+                resource("string", value(any_value::Value::StringValue("x".into()))),
+            ],
+        };
+        let out = filter(
+            "include: {resource_attributes: {v: [-12, true, 0.5, '2', 'regex:^x$']}}",
+            request.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "int g ",
+                "bool g ",
+                "double g ",
+                "whole-double g ",
+                "string g "
+            ]
+        );
+        let out = filter(
+            "exclude: {resource_attributes: {v: ['regex:^-?1']}}",
+            request,
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "bool g ",
+                "double g ",
+                "whole-double g ",
+                "bytes g ",
+                "string g "
+            ]
+        );
+    }
+
+    #[test]
+    fn exclude_resource_attributes_drops_whole_resources() {
+        let out = filter(
+            "exclude: {resource_attributes: {process.executable.name: [proc-0, proc-2]}}",
+            request(3, 2, 1),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-1 process.metric.0 state=s0",
+                "proc-1 process.metric.1 state=s0"
+            ]
+        );
+    }
+
+    #[test]
+    fn include_datapoint_attributes_keeps_matching_points() {
+        let out = filter(
+            "include: {datapoint_attributes: {state: [s1, 'regex:2']}}",
+            request(1, 2, 4),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-0 process.metric.0 state=s1",
+                "proc-0 process.metric.0 state=s2",
+                "proc-0 process.metric.1 state=s1",
+                "proc-0 process.metric.1 state=s2",
+            ]
+        );
+    }
+
+    #[test]
+    fn exclude_datapoint_attributes_drops_matching_points() {
+        let out = filter(
+            "exclude: {datapoint_attributes: {state: ['s[01]']}}",
+            request(1, 1, 4),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-0 process.metric.0 state=s2",
+                "proc-0 process.metric.0 state=s3"
+            ]
+        );
+    }
+
+    #[test]
+    fn datapoint_attributes_need_every_key() {
+        let metric = gauge_metric(
+            "g",
+            vec![
+                number_point(vec![string_attr("a", "1"), int_attr("b", 2)], 1.0),
+                number_point(vec![string_attr("a", "1")], 1.0),
+                number_point(vec![int_attr("b", 2)], 1.0),
+                number_point(vec![string_attr("a", "1"), int_attr("b", 3)], 1.0),
+            ],
+        );
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: vec![resource_metrics(
+                vec![string_attr("host.name", "n")],
+                vec![metric],
+            )],
+        };
+        let yaml = "datapoint_attributes: {a: ['1'], b: [2]}";
+        let out = filter(&format!("include: {{{yaml}}}"), request.clone()).unwrap();
+        assert_eq!(points(&out), ["n g a=1,b=2"]);
+        let out = filter(&format!("exclude: {{{yaml}}}"), request).unwrap();
+        assert_eq!(points(&out), ["n g a=1", "n g b=2", "n g a=1,b=3"]);
+    }
+
+    #[test]
+    fn datapoint_criteria_reach_every_metric_type() {
+        let out = filter("include: {datapoint_attributes: {k: [v]}}", all_types()).unwrap();
+        assert_eq!(
+            points(&out),
+            ["n g k=v", "n s k=v", "n h k=v", "n eh k=v", "n sm k=v"]
+        );
+        // Only the attribute-less point of the sum survives the exclude.
+        let out = filter("exclude: {datapoint_attributes: {k: [v]}}", all_types()).unwrap();
+        assert_eq!(points(&out), ["n s "]);
+        assert_eq!(out.resource_metrics.len(), 1);
+        assert_eq!(out.resource_metrics[0].scope_metrics.len(), 1);
+        assert_eq!(out.resource_metrics[0].scope_metrics[0].metrics.len(), 1);
+    }
+
+    #[test]
+    fn exclude_criteria_are_anded() {
+        // Only the s0 points of metric 0 match both exclude criteria.
+        let out = filter(
+            r#"
+exclude:
+  metric_names: [process.metric.0]
+  datapoint_attributes: {state: [s0]}
+"#,
+            request(1, 2, 2),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-0 process.metric.0 state=s1",
+                "proc-0 process.metric.1 state=s0",
+                "proc-0 process.metric.1 state=s1",
+            ]
+        );
+        // Only metric 1 of proc-0 matches both.
+        let out = filter(
+            r#"
+exclude:
+  resource_attributes: {process.executable.name: [proc-0]}
+  metric_names: [process.metric.1]
+"#,
+            request(2, 2, 1),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-0 process.metric.0 state=s0",
+                "proc-1 process.metric.0 state=s0",
+                "proc-1 process.metric.1 state=s0",
+            ]
+        );
+        // Resource and data point criteria: s1 points of proc-1 only.
+        let out = filter(
+            r#"
+exclude:
+  resource_attributes: {process.executable.name: [proc-1]}
+  datapoint_attributes: {state: [s1]}
+"#,
+            request(2, 1, 2),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-0 process.metric.0 state=s0",
+                "proc-0 process.metric.0 state=s1",
+                "proc-1 process.metric.0 state=s0",
+            ]
+        );
+    }
+
+    #[test]
+    fn include_criteria_are_anded() {
+        let out = filter(
+            r#"
+include:
+  resource_attributes: {process.executable.name: [proc-1]}
+  metric_names: [process.metric.0]
+  datapoint_attributes: {state: [s1]}
+"#,
+            request(2, 2, 2),
+        )
+        .unwrap();
+        assert_eq!(points(&out), ["proc-1 process.metric.0 state=s1"]);
+    }
+
+    #[test]
+    fn include_and_exclude_at_different_levels() {
+        let out = filter(
+            r#"
+include:
+  resource_attributes: {process.executable.name: [proc-0, proc-1]}
+exclude:
+  datapoint_attributes: {state: [s0]}
+"#,
+            request(3, 1, 2),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-0 process.metric.0 state=s1",
+                "proc-1 process.metric.0 state=s1"
+            ]
+        );
+        let out = filter(
+            r#"
+include:
+  datapoint_attributes: {state: [s0, s1]}
+exclude:
+  metric_names: [process.metric.1]
+  datapoint_attributes: {state: [s1]}
+"#,
+            request(1, 2, 3),
+        )
+        .unwrap();
+        assert_eq!(
+            points(&out),
+            [
+                "proc-0 process.metric.0 state=s0",
+                "proc-0 process.metric.0 state=s1",
+                "proc-0 process.metric.1 state=s0",
+            ]
+        );
+    }
+
+    #[test]
+    fn prunes_emptied_scopes_and_resources() {
+        // proc-1 loses every point: its resource goes, proc-0 stays whole.
+        let out = filter(
+            r#"
+exclude:
+  resource_attributes: {process.executable.name: [proc-1]}
+  datapoint_attributes: {state: ["*"]}
+"#,
+            request(2, 2, 2),
+        )
+        .unwrap();
+        assert_eq!(out.resource_metrics.len(), 1);
+        assert_eq!(out.resource_metrics[0].scope_metrics.len(), 1);
+        assert_eq!(out.resource_metrics[0].scope_metrics[0].metrics.len(), 2);
+        assert_eq!(crate::otlp::data_points(&out), 4);
+
+        // A metric whose every point is dropped is removed, not left empty.
+        let out = filter(
+            "include: {datapoint_attributes: {state: [s0]}}",
+            ExportMetricsServiceRequest {
+                resource_metrics: vec![resource_metrics(
+                    vec![],
+                    vec![
+                        sum_metric(
+                            "a",
+                            vec![number_point(vec![string_attr("state", "s0")], 1.0)],
+                        ),
+                        sum_metric(
+                            "b",
+                            vec![number_point(vec![string_attr("state", "s1")], 1.0)],
+                        ),
+                    ],
+                )],
+            },
+        )
+        .unwrap();
+        assert_eq!(metric_names(&out), ["a"]);
+    }
+
+    #[test]
+    fn emits_nothing_when_everything_is_dropped() {
+        let out = run(
+            "filter/none",
+            "include: {metric_names: [nothing]}",
+            vec![
+                Payload::Decoded(request(2, 2, 2)),
+                Payload::Decoded(all_types()),
+            ],
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn resource_without_resource_message() {
+        let mut request = request(1, 1, 1);
+        request.resource_metrics[0].resource = None;
+        // No attributes: an include on them drops it, an exclude on them keeps it.
+        assert!(filter(
+            "include: {resource_attributes: {host.name: ['*']}}",
+            request.clone()
+        )
+        .is_none());
+        let out = filter(
+            "exclude: {resource_attributes: {host.name: ['*']}}",
+            request,
+        )
+        .unwrap();
+        assert_eq!(points(&out), ["- process.metric.0 state=s0"]);
+    }
+
+    #[test]
+    fn shared_batch_is_passed_on_untouched_when_nothing_is_dropped() {
+        let batch = Arc::new(Batch::from_request(request(2, 2, 2)));
+        let yaml = "exclude: {metric_names: [nothing]}";
+        let out = run("filter", yaml, vec![Payload::Shared(Arc::clone(&batch))]);
+        assert_eq!(out.len(), 1);
+        match &out[0] {
+            Payload::Shared(shared) => assert!(Arc::ptr_eq(shared, &batch)),
+            other => panic!("expected the shared batch, got {other:?}"),
+        }
+
+        // Something dropped: a private, filtered copy; the shared batch is untouched.
+        let out = run(
+            "filter",
+            "exclude: {datapoint_attributes: {state: [s1]}}",
+            vec![Payload::Shared(Arc::clone(&batch))],
+        );
+        assert_eq!(out.len(), 1);
+        assert!(matches!(out[0], Payload::Decoded(_)));
+        assert_eq!(out[0].data_points(), 4);
+        assert_eq!(batch.decoded().unwrap(), &request(2, 2, 2));
+    }
+
+    #[test]
+    fn encoded_payloads_are_decoded_and_filtered() {
+        let request = request(1, 3, 1);
+        let bytes = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
+        let out = run(
+            "filter",
+            "exclude: {metric_names: [process.metric.1]}",
+            vec![Payload::Encoded {
+                bytes,
+                data_points: 3,
+            }],
+        );
+        assert_eq!(out.len(), 1);
+        let out = out.into_iter().next().unwrap().into_request().unwrap();
+        assert_eq!(metric_names(&out), ["process.metric.0", "process.metric.2"]);
+    }
+
+    #[test]
+    fn undecodable_payload_is_an_error() {
+        let id = ComponentId::parse("filter").unwrap();
+        let config = parse(serde_yaml::from_str("exclude: {metric_names: [x]}").unwrap()).unwrap();
+        let mut processor = config.build(&id);
+        let mut out = Vec::new();
+        let garbage = Payload::Encoded {
+            bytes: bytes::Bytes::from_static(&[0xff, 0xff, 0xff]),
+            data_points: 1,
+        };
+        assert!(matches!(
+            processor.process(garbage, &mut out),
+            Err(ProcessError::Decode(_))
+        ));
+        assert!(out.is_empty());
+    }
+
+    fn paths(yaml: &str) -> Vec<String> {
+        parse_issues("filter/x", yaml)
+            .into_iter()
+            .map(|i| i.path)
+            .collect()
+    }
+
+    #[test]
+    fn bad_patterns_are_reported_with_their_paths() {
+        let issues = parse_issues(
+            "filter/x",
+            r#"
+include:
+  metric_names: ["ok", "ok.*", "regex:(", "[z-a]"]
+exclude:
+  resource_attributes:
+    process.executable.name: ["regex:[", "fine"]
+  datapoint_attributes:
+    state: ["regex:^ok$", "a[b"]
+"#,
+        );
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "include.metric_names[2]",
+                "include.metric_names[3]",
+                "exclude.resource_attributes.process.executable.name[0]",
+                "exclude.datapoint_attributes.state[1]",
+            ]
+        );
+        assert!(
+            issues[0].message.starts_with("invalid regex \"(\": "),
+            "{}",
+            issues[0].message
+        );
+        assert!(
+            issues[1].message.starts_with("invalid glob \"[z-a]\": "),
+            "{}",
+            issues[1].message
+        );
+    }
+
+    #[test]
+    fn empty_configs_and_lists_are_rejected() {
+        assert_eq!(paths("{}"), [""]);
+        assert_eq!(paths("include:"), ["include"]);
+        assert_eq!(paths("include: {}\nexclude: {}"), ["include", "exclude"]);
+        assert_eq!(
+            paths("include: {metric_names: []}\nexclude: {metric_names: ~}"),
+            ["include.metric_names", "exclude.metric_names"]
+        );
+        assert_eq!(
+            paths("include: {resource_attributes: {}, datapoint_attributes: {state: []}}"),
+            [
+                "include.resource_attributes",
+                "include.datapoint_attributes.state"
+            ]
+        );
+        assert_eq!(
+            paths("exclude: {resource_attributes: {'': [x]}}"),
+            ["exclude.resource_attributes"]
+        );
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_rejected() {
+        let issues = parse_issues("filter/x", "include: {metric_name: [x]}");
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].path, "include.metric_name");
+        assert!(
+            issues[0].message.contains("unknown field"),
+            "{}",
+            issues[0].message
+        );
+
+        assert_eq!(paths("includes: {metric_names: [x]}"), ["includes"]);
+        assert_eq!(
+            paths("include: {metric_names: [x, [y]]}"),
+            ["include.metric_names[1]"]
+        );
+        assert_eq!(
+            paths("include: {metric_names: x}"),
+            ["include.metric_names"]
+        );
+    }
+
+    #[test]
+    fn valid_config_parses() {
+        assert!(paths(
+            r#"
+include:
+  metric_names: ["process.cpu.time", "process.memory.*", "regex:^system\\."]
+  resource_attributes: { process.executable.name: ["kubelet", "regex:^java"] }
+  datapoint_attributes: { state: ["user", "system"] }
+exclude:
+  metric_names: ["process.cpu.time"]
+"#
+        )
+        .is_empty());
+    }
+}

@@ -1,0 +1,114 @@
+//! Processors: plain batch functions that the pipeline runner drives.
+//!
+//! A processor is one file holding its config (serde, unknown keys rejected), the parse
+//! function that validates and compiles it, the runtime type and its tests. Adding one means
+//! that file plus one line in [`FACTORIES`]. The runner, not the processor, counts data points
+//! in and out, delivers deadlines and flushes on shutdown or reload.
+
+pub mod attributes;
+pub mod batch;
+pub mod filter;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_yaml::Value;
+use thiserror::Error;
+
+use crate::config::{ComponentId, Issue};
+use crate::otlp::Payload;
+
+/// The parsed, validated and compiled config of one processor.
+pub trait ProcessorConfig: Send + Sync + Debug {
+    /// A fresh runtime instance. Cannot fail: everything that can was checked when parsing.
+    fn build(&self, id: &ComponentId) -> Box<dyn Processor>;
+
+    /// Whether the processor reads the decoded form. Receivers decode up front for such
+    /// pipelines, so a request that does not decode is refused to its sender.
+    fn reads_decoded(&self) -> bool {
+        true
+    }
+}
+
+/// A processor instance, owned by one pipeline runner.
+pub trait Processor: Send {
+    /// Processes one payload, pushing whatever it emits onto `out`.
+    fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError>;
+
+    /// When the runner must next call [`Processor::on_deadline`], if ever.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Called by the runner once `now` has passed [`Processor::deadline`].
+    fn on_deadline(&mut self, _now: Instant, _out: &mut Vec<Payload>) {}
+
+    /// Emits everything held, on shutdown and when a reload retires the pipeline.
+    fn flush(&mut self, _out: &mut Vec<Payload>) {}
+}
+
+#[derive(Debug, Error)]
+pub enum ProcessError {
+    #[error("batch is not a decodable OTLP metrics request: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+/// How a processor type is known to the config: its type name and its parser.
+/// Parses, validates and compiles one component's config; issues carry key paths
+/// relative to the component.
+pub type ParseProcessor = fn(Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>>;
+
+pub struct ProcessorFactory {
+    pub type_name: &'static str,
+    pub parse: ParseProcessor,
+}
+
+/// Every processor type, in the order the reference docs list them.
+pub const FACTORIES: &[ProcessorFactory] = &[filter::FACTORY, attributes::FACTORY, batch::FACTORY];
+
+/// Parses the config of processor `id` with the factory its type names.
+pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
+    match FACTORIES.iter().find(|f| f.type_name == id.kind()) {
+        Some(factory) => (factory.parse)(value),
+        None => Err(vec![Issue::new(
+            "",
+            format!(
+                "unknown processor type {:?}; known types: {}",
+                id.kind(),
+                FACTORIES
+                    .iter()
+                    .map(|f| f.type_name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )]),
+    }
+}
+
+#[cfg(test)]
+pub mod test_util {
+    use super::*;
+
+    /// Runs `payloads` through a processor built from `yaml` and flushes it.
+    pub fn run(kind: &str, yaml: &str, payloads: Vec<Payload>) -> Vec<Payload> {
+        let id = ComponentId::parse(kind).unwrap();
+        let config = parse(&id, serde_yaml::from_str(yaml).unwrap()).unwrap();
+        let mut processor = config.build(&id);
+        let mut out = Vec::new();
+        for payload in payloads {
+            processor.process(payload, &mut out).unwrap();
+        }
+        processor.flush(&mut out);
+        out
+    }
+
+    /// The issues that parsing `yaml` as processor `kind` reports.
+    pub fn parse_issues(kind: &str, yaml: &str) -> Vec<Issue> {
+        let id = ComponentId::parse(kind).unwrap();
+        match parse(&id, serde_yaml::from_str(yaml).unwrap()) {
+            Ok(_) => Vec::new(),
+            Err(issues) => issues,
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Volume accounting of a pipeline's output: data points, distinct series and encoded bytes,
+//! per 10 s window and in total. This is what the control plane compares between baseline and
+//! candidate, so it is measured on exactly what the exporters receive.
+
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
+use std::time::{Duration, Instant};
+
+use hyperloglogplus::{HyperLogLog, HyperLogLogPF};
+use metrics::{Counter, Gauge};
+
+use crate::otlp::wire::{self, AttributeIter, Visitor};
+use crate::telemetry;
+
+pub const WINDOW: Duration = Duration::from_secs(10);
+/// Distinct series counted exactly before switching to a HyperLogLog estimate
+/// (about 8 MiB of hashes at most per counter).
+pub const EXACT_SERIES_LIMIT: usize = 500_000;
+const HLL_PRECISION: u8 = 14; // 16 KiB of registers, ~0.8% standard error
+
+/// Series hashes are already uniformly distributed; hashing them again would be waste.
+#[derive(Default)]
+pub struct IdentityHasher(u64);
+
+impl std::hash::Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type IdentityBuild = BuildHasherDefault<IdentityHasher>;
+
+/// Counts distinct series exactly up to a bound, then estimates.
+pub struct SeriesCounter {
+    exact: HashSet<u64, IdentityBuild>,
+    estimate: Option<HyperLogLogPF<u64, IdentityBuild>>,
+    limit: usize,
+}
+
+impl SeriesCounter {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            exact: HashSet::default(),
+            estimate: None,
+            limit,
+        }
+    }
+
+    pub fn insert(&mut self, series: u64) {
+        if let Some(hll) = &mut self.estimate {
+            hll.insert(&series);
+            return;
+        }
+        self.exact.insert(series);
+        if self.exact.len() > self.limit {
+            if let Ok(mut hll) = HyperLogLogPF::new(HLL_PRECISION, IdentityBuild::default()) {
+                for s in self.exact.drain() {
+                    hll.insert(&s);
+                }
+                self.exact.shrink_to_fit();
+                self.estimate = Some(hll);
+            }
+        }
+    }
+
+    /// The count, and whether it is an estimate.
+    pub fn count(&mut self) -> (u64, bool) {
+        match &mut self.estimate {
+            Some(hll) => (hll.count().round() as u64, true),
+            None => (self.exact.len() as u64, false),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.exact.clear();
+        self.estimate = None;
+    }
+}
+
+/// Hashes series identity (resource, scope, metric name, data point attributes) off the wire.
+/// Attribute order does not change a series' identity.
+struct SeriesHasher<'a> {
+    state: &'a ahash::RandomState,
+    resource: u64,
+    scope: u64,
+    metric: u64,
+    sink: &'a mut dyn FnMut(u64),
+}
+
+impl Visitor for SeriesHasher<'_> {
+    fn resource(&mut self, resource: &[u8]) {
+        self.resource = unordered_hash(self.state, wire_attributes(resource));
+    }
+    fn scope(&mut self, scope: &[u8]) {
+        self.scope = self.state.hash_one(scope);
+    }
+    fn metric(&mut self, name: &str) {
+        self.metric = self.state.hash_one(name);
+    }
+    fn data_point(&mut self, attributes: AttributeIter<'_>) {
+        let points = unordered_hash(self.state, attributes);
+        let series = self
+            .state
+            .hash_one((self.resource, self.scope, self.metric, points));
+        (self.sink)(series);
+    }
+}
+
+fn wire_attributes(resource: &[u8]) -> impl Iterator<Item = &[u8]> {
+    wire::Fields::new(resource)
+        .flatten()
+        .filter(|f| f.number == 1 && f.wire_type == 2)
+        .map(|f| f.bytes)
+}
+
+fn unordered_hash<'a>(state: &ahash::RandomState, items: impl Iterator<Item = &'a [u8]>) -> u64 {
+    items.fold(0u64, |acc, item| acc.wrapping_add(state.hash_one(item)))
+}
+
+/// Fixed seeds, so a series has the same hash in every pipeline and every run.
+pub fn series_hash_state() -> ahash::RandomState {
+    ahash::RandomState::with_seeds(
+        0x5048_4f45_4e49_5801,
+        0x9e37_79b9_7f4a_7c15,
+        0xc2b2_ae3d_27d4_eb4f,
+        0x1656_67b1_9e37_79f9,
+    )
+}
+
+/// Visits every series in an encoded request.
+pub fn for_each_series(
+    state: &ahash::RandomState,
+    request: &[u8],
+    mut sink: impl FnMut(u64),
+) -> Result<(), wire::WireError> {
+    let mut hasher = SeriesHasher {
+        state,
+        resource: 0,
+        scope: 0,
+        metric: 0,
+        sink: &mut sink,
+    };
+    wire::walk(request, &mut hasher)
+}
+
+/// The meter on one pipeline's output.
+pub struct VolumeMeter {
+    state: ahash::RandomState,
+    window_start: Instant,
+    window_series: SeriesCounter,
+    window_points: u64,
+    window_bytes: u64,
+    total_series: SeriesCounter,
+    handles: MeterHandles,
+}
+
+struct MeterHandles {
+    datapoints: Counter,
+    bytes: Counter,
+    window_series: Gauge,
+    window_estimated: Gauge,
+    total_series: Gauge,
+    total_estimated: Gauge,
+    window_points: Gauge,
+    window_bytes: Gauge,
+}
+
+impl VolumeMeter {
+    pub fn new(pipeline: &str) -> Self {
+        let p = pipeline.to_string();
+        let handles = MeterHandles {
+            datapoints: metrics::counter!(telemetry::PIPELINE_OUTPUT_DATAPOINTS, "pipeline" => p.clone()),
+            bytes: metrics::counter!(telemetry::PIPELINE_OUTPUT_BYTES, "pipeline" => p.clone()),
+            window_series: metrics::gauge!(telemetry::PIPELINE_OUTPUT_SERIES, "pipeline" => p.clone(), "window" => "10s"),
+            window_estimated: metrics::gauge!(telemetry::PIPELINE_OUTPUT_SERIES_ESTIMATED, "pipeline" => p.clone(), "window" => "10s"),
+            total_series: metrics::gauge!(telemetry::PIPELINE_OUTPUT_SERIES, "pipeline" => p.clone(), "window" => "total"),
+            total_estimated: metrics::gauge!(telemetry::PIPELINE_OUTPUT_SERIES_ESTIMATED, "pipeline" => p.clone(), "window" => "total"),
+            window_points: metrics::gauge!(telemetry::PIPELINE_OUTPUT_WINDOW_DATAPOINTS, "pipeline" => p.clone()),
+            window_bytes: metrics::gauge!(telemetry::PIPELINE_OUTPUT_WINDOW_BYTES, "pipeline" => p),
+        };
+        Self {
+            state: series_hash_state(),
+            window_start: Instant::now(),
+            window_series: SeriesCounter::new(EXACT_SERIES_LIMIT),
+            window_points: 0,
+            window_bytes: 0,
+            total_series: SeriesCounter::new(EXACT_SERIES_LIMIT),
+            handles,
+        }
+    }
+
+    /// Accounts one encoded output request.
+    pub fn observe(&mut self, request: &[u8], data_points: u64) {
+        let (window, total) = (&mut self.window_series, &mut self.total_series);
+        let walked = for_each_series(&self.state, request, |series| {
+            window.insert(series);
+            total.insert(series);
+        });
+        if let Err(err) = walked {
+            tracing::warn!(error = %err, "pipeline output could not be metered");
+        }
+        self.window_points += data_points;
+        self.window_bytes += request.len() as u64;
+        self.handles.datapoints.increment(data_points);
+        self.handles.bytes.increment(request.len() as u64);
+    }
+
+    pub fn next_rotation(&self) -> Instant {
+        self.window_start + WINDOW
+    }
+
+    /// Publishes the finished window once it is over.
+    pub fn rotate_if_due(&mut self, now: Instant) {
+        if now < self.next_rotation() {
+            return;
+        }
+        let (series, estimated) = self.window_series.count();
+        self.handles.window_series.set(series as f64);
+        self.handles
+            .window_estimated
+            .set(f64::from(u8::from(estimated)));
+        self.handles.window_points.set(self.window_points as f64);
+        self.handles.window_bytes.set(self.window_bytes as f64);
+        let (total, estimated) = self.total_series.count();
+        self.handles.total_series.set(total as f64);
+        self.handles
+            .total_estimated
+            .set(f64::from(u8::from(estimated)));
+        self.window_series.clear();
+        self.window_points = 0;
+        self.window_bytes = 0;
+        // Windows stay aligned to the first one even if a rotation was late.
+        while self.window_start + WINDOW <= now {
+            self.window_start += WINDOW;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otlp::testdata;
+    use prost::Message;
+
+    fn series_of(request: &crate::otlp::ExportMetricsServiceRequest) -> HashSet<u64> {
+        let mut set = HashSet::new();
+        let bytes = request.encode_to_vec();
+        for_each_series(&series_hash_state(), &bytes, |s| {
+            set.insert(s);
+        })
+        .unwrap();
+        set
+    }
+
+    #[test]
+    fn every_distinct_point_identity_is_one_series() {
+        // 3 resources x 4 metrics x 5 attribute values
+        assert_eq!(series_of(&testdata::request(3, 4, 5)).len(), 60);
+    }
+
+    #[test]
+    fn the_same_series_twice_counts_once_and_attribute_order_does_not_matter() {
+        let mut request = testdata::request(1, 1, 1);
+        let mut swapped = request.clone();
+        let rm = &mut swapped.resource_metrics[0];
+        rm.resource.as_mut().unwrap().attributes.reverse();
+        request.resource_metrics.extend(swapped.resource_metrics);
+        assert_eq!(series_of(&request).len(), 1);
+    }
+
+    #[test]
+    fn exact_counting_switches_to_an_estimate_past_the_limit() {
+        let mut counter = SeriesCounter::new(1000);
+        let state = series_hash_state();
+        for i in 0..1000u64 {
+            counter.insert(state.hash_one(i));
+        }
+        assert_eq!(counter.count(), (1000, false));
+        for i in 1000..20_000u64 {
+            counter.insert(state.hash_one(i));
+        }
+        let (estimate, estimated) = counter.count();
+        assert!(estimated);
+        let error = (estimate as f64 - 20_000.0).abs() / 20_000.0;
+        assert!(error < 0.05, "estimate {estimate} is {error:.3} off");
+    }
+}

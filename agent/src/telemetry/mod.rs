@@ -1,0 +1,147 @@
+//! Self-telemetry: every metric the agent exposes is declared here once, with its help text
+//! and labels; components take handles at build time and add per batch.
+//!
+//! `docs/telemetry.md` is generated from [`METRICS`] and a test fails when it is stale.
+
+pub mod server;
+
+use metrics::Unit;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One declared self-metric.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Unit,
+    pub labels: &'static [&'static str],
+    pub help: &'static str,
+}
+
+macro_rules! metric_defs {
+    ($($const:ident = $name:literal, $kind:ident, $unit:ident, [$($label:literal),*], $help:literal;)*) => {
+        $(pub const $const: &str = $name;)*
+        /// All self-metrics, in the order of the reference docs.
+        pub const METRICS: &[MetricDef] = &[
+            $(MetricDef { name: $name, kind: Kind::$kind, unit: Unit::$unit, labels: &[$($label),*], help: $help },)*
+        ];
+    };
+}
+
+metric_defs! {
+    RECEIVER_ACCEPTED = "phoenix_receiver_accepted_datapoints_total", Counter, Count, ["receiver", "transport"],
+        "Data points accepted by a receiver and handed to its pipelines.";
+    RECEIVER_REFUSED = "phoenix_receiver_refused_datapoints_total", Counter, Count, ["receiver", "transport", "reason"],
+        "Data points refused by a receiver (reason: malformed, too_large, unsupported, pipelines_full, invalid).";
+    RECEIVER_REQUESTS = "phoenix_receiver_requests_total", Counter, Count, ["receiver", "transport", "outcome"],
+        "Export requests handled by a receiver, by outcome (accepted, refused).";
+    PIPELINE_INCOMING = "phoenix_pipeline_incoming_datapoints_total", Counter, Count, ["pipeline"],
+        "Data points that entered a pipeline's queue.";
+    PIPELINE_DROPPED = "phoenix_pipeline_dropped_datapoints_total", Counter, Count, ["pipeline", "reason"],
+        "Data points a shadow pipeline dropped because its queue was full, or a processor could not handle.";
+    PIPELINE_OUTPUT_DATAPOINTS = "phoenix_pipeline_output_datapoints_total", Counter, Count, ["pipeline"],
+        "Data points leaving a pipeline's last processor, towards its exporters.";
+    PIPELINE_OUTPUT_BYTES = "phoenix_pipeline_output_bytes_total", Counter, Bytes, ["pipeline"],
+        "Bytes of OTLP protobuf leaving a pipeline (uncompressed encoded ExportMetricsServiceRequest).";
+    PIPELINE_OUTPUT_SERIES = "phoenix_pipeline_output_series", Gauge, Count, ["pipeline", "window"],
+        "Distinct series leaving a pipeline: window=\"10s\" is the last complete 10 s window, window=\"total\" counts since start.";
+    PIPELINE_OUTPUT_SERIES_ESTIMATED = "phoenix_pipeline_output_series_estimated", Gauge, Count, ["pipeline", "window"],
+        "1 when phoenix_pipeline_output_series of the same labels is a HyperLogLog estimate (more series than the exact bound), 0 when exact.";
+    PIPELINE_OUTPUT_WINDOW_DATAPOINTS = "phoenix_pipeline_output_window_datapoints", Gauge, Count, ["pipeline"],
+        "Data points a pipeline emitted in the last complete 10 s window.";
+    PIPELINE_OUTPUT_WINDOW_BYTES = "phoenix_pipeline_output_window_bytes", Gauge, Bytes, ["pipeline"],
+        "Bytes a pipeline emitted in the last complete 10 s window.";
+    PROCESSOR_INCOMING = "phoenix_processor_incoming_datapoints_total", Counter, Count, ["pipeline", "processor"],
+        "Data points handed to a processor.";
+    PROCESSOR_OUTGOING = "phoenix_processor_outgoing_datapoints_total", Counter, Count, ["pipeline", "processor"],
+        "Data points a processor emitted.";
+    EXPORTER_SENT = "phoenix_exporter_sent_datapoints_total", Counter, Count, ["exporter"],
+        "Data points an exporter delivered.";
+    EXPORTER_SEND_FAILED = "phoenix_exporter_send_failed_datapoints_total", Counter, Count, ["exporter", "reason"],
+        "Data points an exporter gave up on (reason: permanent, retries_exhausted, shutdown).";
+    EXPORTER_ENQUEUE_FAILED = "phoenix_exporter_enqueue_failed_datapoints_total", Counter, Count, ["exporter"],
+        "Data points dropped because an exporter's sending queue was full (shadow pipelines only; others wait).";
+    EXPORTER_RETRIES = "phoenix_exporter_retries_total", Counter, Count, ["exporter"],
+        "Export attempts retried after a retryable failure.";
+    QUEUE_SIZE = "phoenix_queue_size", Gauge, Count, ["queue"],
+        "Batches waiting in a bounded queue (queue=\"pipeline/<name>\" or \"exporter/<id>\").";
+    QUEUE_CAPACITY = "phoenix_queue_capacity", Gauge, Count, ["queue"],
+        "Capacity of a bounded queue, in batches.";
+    CONFIG_RELOADS = "phoenix_config_reloads_total", Counter, Count, ["result"],
+        "Configuration reloads by result (success, failure).";
+    CONFIG_INFO = "phoenix_config_info", Gauge, Count, ["hash"],
+        "1 for the hash of the configuration that is running.";
+    BUILD_INFO = "phoenix_build_info", Gauge, Count, ["version"],
+        "1, labelled with the agent's version.";
+}
+
+/// Registers help texts and units with the installed recorder.
+pub fn describe_all() {
+    for def in METRICS {
+        match def.kind {
+            Kind::Counter => metrics::describe_counter!(def.name, def.unit, def.help),
+            Kind::Gauge => metrics::describe_gauge!(def.name, def.unit, def.help),
+        }
+    }
+}
+
+/// The reference table for `docs/telemetry.md`.
+pub fn reference_markdown() -> String {
+    let mut out = String::from(
+        "# Self-telemetry reference\n\nGenerated from `agent/src/telemetry/mod.rs` (a test fails when this file is stale).\nServed as Prometheus text at `telemetry.listen` + `/metrics`.\n\n| metric | type | labels | description |\n|---|---|---|---|\n",
+    );
+    for def in METRICS {
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            def.name,
+            match def.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+            },
+            def.labels
+                .iter()
+                .map(|l| format!("`{l}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            def.help
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_convention() {
+        for def in METRICS {
+            assert!(def.name.starts_with("phoenix_"), "{}", def.name);
+            assert_eq!(
+                def.kind == Kind::Counter,
+                def.name.ends_with("_total"),
+                "{}",
+                def.name
+            );
+        }
+    }
+
+    #[test]
+    fn docs_reference_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/telemetry.md");
+        let expected = reference_markdown();
+        if std::env::var_os("PHOENIX_BLESS").is_some() {
+            std::fs::write(path, &expected).unwrap();
+        }
+        let actual = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            actual == expected,
+            "docs/telemetry.md is stale: run `PHOENIX_BLESS=1 cargo test -p phoenix-agent docs_reference_is_current`"
+        );
+    }
+}
