@@ -187,6 +187,7 @@ impl Agent {
             }
         }
 
+        let previous_hash = current.config.hash.clone();
         self.pipelines.store(Arc::new(pipelines));
         drop(current);
 
@@ -228,8 +229,7 @@ impl Agent {
         for (id, raw, addresses, socket) in bound {
             self.start_receiver(&id, raw, addresses, socket);
         }
-        set_config_info(Some(&self.pipelines.load().config.hash), &config.hash);
-        set_config_info(None, &config.hash);
+        set_config_info(Some(&previous_hash), &config.hash);
         Ok(Some(config.hash.clone()))
     }
 
