@@ -386,4 +386,37 @@ mod tests {
             .collect();
         assert_eq!(joined, bytes);
     }
+
+    /// Stands in for a fuzzer (cargo-fuzz needs a nightly toolchain): thousands of seeded
+    /// corruptions of valid requests must yield errors or counts, never a panic, and whatever
+    /// the walk accepts the meter can walk too.
+    #[test]
+    fn corrupted_requests_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5048_4f45);
+        let seeds = [
+            testdata::request(3, 2, 2).encode_to_vec(),
+            testdata::all_types().encode_to_vec(),
+        ];
+        let state = crate::stats::series_hash_state();
+        let mut accepted = 0;
+        for round in 0..20_000 {
+            let mut bytes = seeds[round % seeds.len()].clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..bytes.len());
+                match rng.random_range(0..4) {
+                    0 => bytes[at] ^= 1 << rng.random_range(0..8),
+                    1 => bytes[at] = rng.random(),
+                    2 => bytes.truncate(at.max(1)),
+                    _ => bytes.insert(at, rng.random()),
+                }
+            }
+            if count(&bytes).is_ok() {
+                accepted += 1;
+                crate::stats::for_each_series(&state, &bytes, |_| {}).unwrap();
+            }
+            let _ = resource_metrics_spans(&bytes);
+        }
+        assert!(accepted > 0 && accepted < 20_000, "{accepted}");
+    }
 }
