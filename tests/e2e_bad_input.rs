@@ -1,5 +1,7 @@
 //! Bad input gets the right status, the agent keeps serving, and nothing accepted is lost.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::io::Write;

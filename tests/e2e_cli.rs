@@ -1,5 +1,7 @@
 //! `phoenix-agent validate`: exit codes and messages that name the file and key path.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::process::Command;

@@ -1,5 +1,7 @@
 //! Baseline and candidate on the same input, end to end through the real binary.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

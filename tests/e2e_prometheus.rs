@@ -4,6 +4,8 @@
 //! Needs a Prometheus binary: `$PHOENIX_TEST_PROMETHEUS`, else `prometheus` on the PATH.
 //! `./scripts/test` installs one.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::BTreeMap;
@@ -83,7 +85,7 @@ struct Prometheus {
 impl Prometheus {
     fn start(target: std::net::SocketAddr) -> Prometheus {
         let binary = prometheus_binary();
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,
@@ -100,9 +102,10 @@ scrape_configs:
 "#
             ),
         )
-        .expect("write prometheus.yml");
+        .unwrap_or_else(|e| panic!("write prometheus.yml: {e}"));
         let listen = format!("127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(dir.path().join("log")).expect("log file");
+        let log = std::fs::File::create(dir.path().join("log"))
+            .unwrap_or_else(|e| panic!("prometheus log file: {e}"));
         let mut command = Command::new(binary);
         command
             .arg(format!("--config.file={}", config.display()))
@@ -125,12 +128,16 @@ scrape_configs:
                 command.env_remove(&key);
             }
         }
-        let process = KillOnDrop(command.spawn().expect("start prometheus"));
+        let process = KillOnDrop(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("start prometheus: {e}")),
+        );
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(5))
             .build()
-            .expect("HTTP client");
+            .unwrap_or_else(|e| panic!("HTTP client: {e}"));
         Prometheus {
             process,
             dir,
@@ -237,7 +244,9 @@ async fn send(
 ) {
     let mut client = grpc_client(agent).await;
     for _ in 0..count {
-        client.export(request.clone()).await.expect("gRPC export");
+        if let Err(status) = client.export(request.clone()).await {
+            panic!("gRPC export refused: {status}");
+        }
     }
     assert_eq!(
         sink.wait_for(baseline_total, Duration::from_secs(10)).await,

@@ -5,6 +5,8 @@
 //! Needs a Python with `opentelemetry-sdk` and the OTLP gRPC and HTTP exporters:
 //! `$PHOENIX_TEST_PYTHON`, else `python3`. `./scripts/test` installs one.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::Path;
@@ -102,6 +104,10 @@ impl Drop for KillOnDrop {
     }
 }
 
+fn create(path: &Path) -> std::fs::File {
+    std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+}
+
 /// What the script reported: successful exports and the data points they carried.
 struct Sent {
     exports: u64,
@@ -109,21 +115,37 @@ struct Sent {
 }
 
 /// Runs the script against `address` over `transport`; panics unless it exits 0.
-async fn send_with_python_sdk(transport: &str, address: &str, dir: &Path) -> Sent {
-    let python = python();
+async fn send_with_python_sdk(
+    python: &str,
+    transport: &str,
+    gzip: bool,
+    address: &str,
+    dir: &Path,
+) -> Sent {
     let stdout_path = dir.join(format!("{transport}.stdout"));
     let stderr_path = dir.join(format!("{transport}.stderr"));
-    let mut command = Command::new(&python);
+    let mut command = Command::new(python);
+    command.args([SCRIPT, transport, address]);
+    if gzip {
+        command.arg("gzip");
+    }
     command
-        .args([SCRIPT, transport, address])
         .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+        .stdout(create(&stdout_path))
+        .stderr(create(&stderr_path));
     scrub_env(&mut command);
-    let mut child = KillOnDrop(command.spawn().expect("start the Python script"));
+    let mut child = KillOnDrop(
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {python:?} {SCRIPT}: {e}")),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Some(status) = child.0.try_wait().expect("wait for the Python script") {
+        if let Some(status) = child
+            .0
+            .try_wait()
+            .unwrap_or_else(|e| panic!("wait for the Python script: {e}"))
+        {
             break status;
         }
         assert!(
@@ -159,14 +181,16 @@ fn string(value: Option<&Value>) -> Option<&str> {
     }
 }
 
-async fn python_sdk_end_to_end(transport: &str) {
+async fn python_sdk_end_to_end(transport: &str, gzip: bool) {
+    // Fail before starting anything when the SDK is missing.
+    let python = python();
     let sink = Sink::start().await;
     let agent = Agent::start(&CONFIG.replace("{SINK}", &sink.url())).await;
     let address = match transport {
         "grpc" => agent.grpc.to_string(),
         _ => agent.http.to_string(),
     };
-    let sent = send_with_python_sdk(transport, &address, agent.dir.path()).await;
+    let sent = send_with_python_sdk(&python, transport, gzip, &address, agent.dir.path()).await;
     // force_flush and shutdown each export once; 5 points each: 2 counter points, 1 up-down
     // counter point, 1 histogram point, 1 gauge point.
     assert_eq!(sent.exports, 2, "exports of the script");
@@ -191,7 +215,9 @@ async fn python_sdk_end_to_end(transport: &str) {
     for request in &requests {
         assert_eq!(request.resource_metrics.len(), 1);
         let rm = &request.resource_metrics[0];
-        let resource = rm.resource.as_ref().expect("resource kept");
+        let Some(resource) = rm.resource.as_ref() else {
+            panic!("resource lost: {rm:?}")
+        };
         assert_eq!(
             string(attr(&resource.attributes, "service.name")),
             Some(service.as_str()),
@@ -203,7 +229,10 @@ async fn python_sdk_end_to_end(transport: &str) {
             Some("python")
         );
         for sm in &rm.scope_metrics {
-            assert_eq!(sm.scope.as_ref().expect("scope kept").name, "phoenix-e2e");
+            assert_eq!(
+                sm.scope.as_ref().map(|s| s.name.as_str()),
+                Some("phoenix-e2e")
+            );
             metrics.extend(&sm.metrics);
         }
     }
@@ -233,7 +262,9 @@ async fn python_sdk_end_to_end(transport: &str) {
             .iter()
             .map(|p| {
                 assert_eq!(p.attributes.len(), 1, "{}", attrs(&p.attributes));
-                let route = string(attr(&p.attributes, "route")).expect("route attribute");
+                let Some(route) = string(attr(&p.attributes, "route")) else {
+                    panic!("no route: {}", attrs(&p.attributes))
+                };
                 (route.to_string(), p.value)
             })
             .collect();
@@ -298,16 +329,19 @@ async fn python_sdk_end_to_end(transport: &str) {
     }
     assert_eq!(metrics.len() as u64, 4 * sent.exports, "no other metrics");
 
-    // Self-metrics: the shadow candidate's blackhole is fed asynchronously, so wait for it.
+    // Self-metrics: the shadow candidate runs asynchronously, and an exporter counts a
+    // delivery once the answer is back, so wait until both exporters have counted.
     let n = sent.datapoints as f64;
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = agent.metrics().await;
-        let done = metric_value(
-            &text,
-            "phoenix_exporter_sent_datapoints_total",
-            &[("exporter", "blackhole")],
-        ) >= n;
+        let done = ["otlp", "blackhole"].iter().all(|exporter| {
+            metric_value(
+                &text,
+                "phoenix_exporter_sent_datapoints_total",
+                &[("exporter", exporter)],
+            ) >= n
+        });
         if done || Instant::now() >= deadline {
             break text;
         }
@@ -391,10 +425,20 @@ async fn python_sdk_end_to_end(transport: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_sdk_over_grpc_is_forwarded_exactly() {
-    python_sdk_end_to_end("grpc").await;
+    python_sdk_end_to_end("grpc", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_sdk_over_http_is_forwarded_exactly() {
-    python_sdk_end_to_end("http").await;
+    python_sdk_end_to_end("http", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_over_grpc_with_gzip_is_forwarded_exactly() {
+    python_sdk_end_to_end("grpc", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_over_http_with_gzip_is_forwarded_exactly() {
+    python_sdk_end_to_end("http", true).await;
 }

@@ -1,5 +1,7 @@
 //! Hot reload under load, SIGHUP, and shutdown that drains.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::HashSet;

@@ -1,6 +1,6 @@
 """Sends known metrics to a Phoenix agent with the real OpenTelemetry Python SDK.
 
-Usage: send_metrics.py grpc|http HOST:PORT
+Usage: send_metrics.py grpc|http HOST:PORT [gzip]
 
 Records, under a Resource with service.name=phoenix-e2e-<transport>:
   - Counter phoenix.test.requests: 42 with route=/a, 8 with route=/b
@@ -24,19 +24,27 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 
 
-def make_exporter(transport, address):
+def make_exporter(transport, address, gzip):
     if transport == "grpc":
+        import grpc
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter,
         )
 
-        return OTLPMetricExporter(endpoint=f"http://{address}", insecure=True, timeout=10)
+        compression = grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression
+        return OTLPMetricExporter(
+            endpoint=f"http://{address}", insecure=True, timeout=10, compression=compression
+        )
     if transport == "http":
+        from opentelemetry.exporter.otlp.proto.http import Compression
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
             OTLPMetricExporter,
         )
 
-        return OTLPMetricExporter(endpoint=f"http://{address}/v1/metrics", timeout=10)
+        compression = Compression.Gzip if gzip else Compression.NoCompression
+        return OTLPMetricExporter(
+            endpoint=f"http://{address}/v1/metrics", timeout=10, compression=compression
+        )
     raise SystemExit(f"unknown transport {transport!r}: use grpc or http")
 
 
@@ -50,13 +58,13 @@ def count_points(metrics_data):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4) or sys.argv[3:] not in ([], ["gzip"]):
         print(__doc__, file=sys.stderr)
         return 2
-    transport, address = sys.argv[1], sys.argv[2]
+    transport, address, gzip = sys.argv[1], sys.argv[2], sys.argv[3:] == ["gzip"]
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
 
-    exporter = make_exporter(transport, address)
+    exporter = make_exporter(transport, address, gzip)
     # The periodic reader ignores the exporter's result: record it here.
     results = []
     points = [0]

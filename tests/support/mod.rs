@@ -1,6 +1,6 @@
 //! Shared harness of the end-to-end tests: the real `phoenix-agent` binary on loopback
 //! ephemeral ports, an OTLP gRPC sink that records what it receives, and OTLP clients.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
