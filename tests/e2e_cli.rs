@@ -8,21 +8,24 @@ use std::process::Command;
 
 #[test]
 fn validate_accepts_the_shipped_configs() {
-    for file in ["configs/agent.yaml"] {
-        let path = format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"));
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
         let out = Command::new(support::AGENT)
-            .args(["validate", "--config", &path])
+            .args(["validate", "--config"])
+            .arg(&path)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("valid; pipelines: baseline, candidate")
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", path.display());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("valid; pipelines: baseline"));
+        checked += 1;
     }
+    assert!(checked >= 1);
 }
 
 #[test]
