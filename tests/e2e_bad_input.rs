@@ -193,6 +193,7 @@ async fn bad_requests_get_the_collectors_statuses_and_accepted_data_survives() {
     let resp = post(&agent, "application/json", None, json).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(resp.text().await.unwrap(), "{}");
 
     // Exactly the three good requests arrive, with the first one's content intact.
     assert_eq!(sink.wait_for(36, Duration::from_secs(10)).await, 36);

@@ -711,6 +711,8 @@ async fn http_metrics(State(state): State<HttpState>, headers: HeaderMap, body: 
                 Ok(reply) => {
                     let body = match format {
                         Format::Protobuf => reply.encode_to_vec(),
+                        // A full success is `{}`, as the Collector answers, not a null field.
+                        Format::Json if reply.partial_success.is_none() => b"{}".to_vec(),
                         Format::Json => serde_json::to_vec(&reply).unwrap_or_default(),
                     };
                     (
