@@ -482,6 +482,29 @@ fn check_references(
     }
 }
 
+/// The factory registered for `id`'s type, or an issue listing the types there are.
+pub fn find_factory<'a, F>(
+    factories: &'a [F],
+    type_name: impl Fn(&F) -> &'static str,
+    kind_label: &str,
+    id: &ComponentId,
+) -> Result<&'a F, Vec<Issue>> {
+    factories
+        .iter()
+        .find(|f| type_name(f) == id.kind())
+        .ok_or_else(|| {
+            let known: Vec<&str> = factories.iter().map(type_name).collect();
+            vec![Issue::new(
+                "",
+                format!(
+                    "unknown {kind_label} type {:?}; known types: {}",
+                    id.kind(),
+                    known.join(", ")
+                ),
+            )]
+        })
+}
+
 /// Parses a duration such as `10s`, `1m30s` or `500ms`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))

@@ -21,7 +21,7 @@ use thiserror::Error;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ComponentId, Issue};
+use crate::config::{self, ComponentId, Issue};
 use crate::telemetry;
 
 /// One encoded `ExportMetricsServiceRequest` on its way out.
@@ -78,21 +78,8 @@ pub const FACTORIES: &[ExporterFactory] = &[
 ];
 
 pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ExporterConfig>, Vec<Issue>> {
-    match FACTORIES.iter().find(|f| f.type_name == id.kind()) {
-        Some(factory) => (factory.parse)(value),
-        None => Err(vec![Issue::new(
-            "",
-            format!(
-                "unknown exporter type {:?}; known types: {}",
-                id.kind(),
-                FACTORIES
-                    .iter()
-                    .map(|f| f.type_name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )]),
-    }
+    let factory = config::find_factory(FACTORIES, |f| f.type_name, "exporter", id)?;
+    (factory.parse)(value)
 }
 
 /// `sending_queue`, as in the Collector's exporterhelper.
@@ -361,6 +348,25 @@ async fn deliver(
 /// ±50% randomisation, as the Collector's backoff does, so retrying agents spread out.
 fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
+/// Checks the settings every network exporter shares: endpoint, headers, timeout, queue
+/// and retry.
+pub fn validate_network_settings(
+    endpoint: &str,
+    headers: &indexmap::IndexMap<String, String>,
+    timeout: Duration,
+    queue: &QueueSettings,
+    retry: &RetrySettings,
+    issues: &mut Vec<Issue>,
+) {
+    validate_endpoint("endpoint", endpoint, issues);
+    validate_headers(headers, issues);
+    if timeout.is_zero() {
+        issues.push(Issue::new("timeout", "must be greater than 0"));
+    }
+    queue.validate(issues);
+    retry.validate(issues);
 }
 
 /// Parses `headers:`-style maps, checking every name and value can go on the wire.

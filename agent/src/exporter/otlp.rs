@@ -16,8 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use super::{
-    validate_endpoint, validate_headers, DeliverySettings, ExportError, ExportItem, Exporter,
-    ExporterConfig, ExporterFactory, QueueSettings, RetrySettings,
+    validate_network_settings, DeliverySettings, ExportError, ExportItem, Exporter, ExporterConfig,
+    ExporterFactory, QueueSettings, RetrySettings,
 };
 use crate::config::{self, ComponentId, Issue};
 use crate::otlp::codec::RawClientCodec;
@@ -65,9 +65,15 @@ fn default_timeout() -> Duration {
 fn parse(value: Value) -> Result<Arc<dyn ExporterConfig>, Vec<Issue>> {
     let config: OtlpExporterConfig = config::deserialize(value).map_err(|i| vec![i])?;
     let mut issues = Vec::new();
-    validate_endpoint("endpoint", &config.endpoint, &mut issues);
-    validate_headers(&config.headers, &mut issues);
-    for (name, _) in &config.headers {
+    validate_network_settings(
+        &config.endpoint,
+        &config.headers,
+        config.timeout,
+        &config.sending_queue,
+        &config.retry_on_failure,
+        &mut issues,
+    );
+    for name in config.headers.keys() {
         if MetadataKey::<tonic::metadata::Ascii>::from_str(&name.to_ascii_lowercase()).is_err() {
             issues.push(Issue::new(
                 format!("headers.{name}"),
@@ -75,11 +81,6 @@ fn parse(value: Value) -> Result<Arc<dyn ExporterConfig>, Vec<Issue>> {
             ));
         }
     }
-    if config.timeout.is_zero() {
-        issues.push(Issue::new("timeout", "must be greater than 0"));
-    }
-    config.sending_queue.validate(&mut issues);
-    config.retry_on_failure.validate(&mut issues);
     if issues.is_empty() {
         Ok(Arc::new(config))
     } else {

@@ -13,8 +13,8 @@ use serde_yaml::Value;
 
 use super::otlp::Compression;
 use super::{
-    validate_endpoint, validate_headers, DeliverySettings, ExportError, ExportItem, Exporter,
-    ExporterConfig, ExporterFactory, QueueSettings, RetrySettings,
+    validate_endpoint, validate_network_settings, DeliverySettings, ExportError, ExportItem,
+    Exporter, ExporterConfig, ExporterFactory, QueueSettings, RetrySettings,
 };
 use crate::config::{self, ComponentId, Issue};
 use crate::otlp::ExportMetricsServiceResponse;
@@ -52,16 +52,17 @@ fn default_timeout() -> Duration {
 fn parse(value: Value) -> Result<Arc<dyn ExporterConfig>, Vec<Issue>> {
     let config: OtlpHttpExporterConfig = config::deserialize(value).map_err(|i| vec![i])?;
     let mut issues = Vec::new();
-    validate_endpoint("endpoint", &config.endpoint, &mut issues);
+    validate_network_settings(
+        &config.endpoint,
+        &config.headers,
+        config.timeout,
+        &config.sending_queue,
+        &config.retry_on_failure,
+        &mut issues,
+    );
     if let Some(url) = &config.metrics_endpoint {
         validate_endpoint("metrics_endpoint", url, &mut issues);
     }
-    validate_headers(&config.headers, &mut issues);
-    if config.timeout.is_zero() {
-        issues.push(Issue::new("timeout", "must be greater than 0"));
-    }
-    config.sending_queue.validate(&mut issues);
-    config.retry_on_failure.validate(&mut issues);
     if issues.is_empty() {
         Ok(Arc::new(config))
     } else {

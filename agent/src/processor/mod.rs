@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde_yaml::Value;
 use thiserror::Error;
 
-use crate::config::{ComponentId, Issue};
+use crate::config::{self, ComponentId, Issue};
 use crate::otlp::Payload;
 
 /// The parsed, validated and compiled config of one processor.
@@ -69,21 +69,8 @@ pub const FACTORIES: &[ProcessorFactory] = &[filter::FACTORY, attributes::FACTOR
 
 /// Parses the config of processor `id` with the factory its type names.
 pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
-    match FACTORIES.iter().find(|f| f.type_name == id.kind()) {
-        Some(factory) => (factory.parse)(value),
-        None => Err(vec![Issue::new(
-            "",
-            format!(
-                "unknown processor type {:?}; known types: {}",
-                id.kind(),
-                FACTORIES
-                    .iter()
-                    .map(|f| f.type_name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )]),
-    }
+    let factory = config::find_factory(FACTORIES, |f| f.type_name, "processor", id)?;
+    (factory.parse)(value)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
 use serde_yaml::Value;
 
-use crate::config::{ComponentId, Issue};
+use crate::config::{self, ComponentId, Issue};
 use crate::pipeline::Pipelines;
 
 /// The parsed config of one receiver.
@@ -62,19 +62,6 @@ pub struct ReceiverFactory {
 pub const FACTORIES: &[ReceiverFactory] = &[otlp::FACTORY];
 
 pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ReceiverConfig>, Vec<Issue>> {
-    match FACTORIES.iter().find(|f| f.type_name == id.kind()) {
-        Some(factory) => (factory.parse)(value),
-        None => Err(vec![Issue::new(
-            "",
-            format!(
-                "unknown receiver type {:?}; known types: {}",
-                id.kind(),
-                FACTORIES
-                    .iter()
-                    .map(|f| f.type_name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )]),
-    }
+    let factory = config::find_factory(FACTORIES, |f| f.type_name, "receiver", id)?;
+    (factory.parse)(value)
 }
