@@ -2,7 +2,8 @@
 //! per 10 s window and in total. This is what the control plane compares between baseline and
 //! candidate, so it is measured on exactly what the exporters receive.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::time::{Duration, Instant};
 
@@ -38,50 +39,100 @@ impl std::hash::Hasher for IdentityHasher {
 
 type IdentityBuild = BuildHasherDefault<IdentityHasher>;
 
-/// Counts distinct series exactly up to a bound, then estimates.
-pub struct SeriesCounter {
-    exact: HashSet<u64, IdentityBuild>,
-    estimate: Option<HyperLogLogPF<u64, IdentityBuild>>,
+type Hll = HyperLogLogPF<u64, IdentityBuild>;
+
+fn new_hll() -> Option<Hll> {
+    HyperLogLogPF::new(HLL_PRECISION, IdentityBuild::default()).ok()
+}
+
+/// Counts distinct series in the current window and since start, exactly up to a bound,
+/// then by estimate.
+///
+/// One map from series to the window it was last seen in answers both questions with a
+/// single probe per data point; with tens of thousands of series every probe misses the
+/// cache, so the second set this replaces cost as much as the rest of the meter.
+pub struct SeriesTracker {
+    last_seen: HashMap<u64, u32, IdentityBuild>,
+    window: u32,
+    in_window: u64,
+    estimate: Option<(Hll, Hll)>,
     limit: usize,
 }
 
-impl SeriesCounter {
+impl SeriesTracker {
     pub fn new(limit: usize) -> Self {
         Self {
-            exact: HashSet::default(),
+            last_seen: HashMap::default(),
+            window: 0,
+            in_window: 0,
             estimate: None,
             limit,
         }
     }
 
     pub fn insert(&mut self, series: u64) {
-        if let Some(hll) = &mut self.estimate {
-            hll.insert(&series);
+        if let Some((window, total)) = &mut self.estimate {
+            window.insert(&series);
+            total.insert(&series);
             return;
         }
-        self.exact.insert(series);
-        if self.exact.len() > self.limit {
-            if let Ok(mut hll) = HyperLogLogPF::new(HLL_PRECISION, IdentityBuild::default()) {
-                for s in self.exact.drain() {
-                    hll.insert(&s);
+        let window = self.window;
+        match self.last_seen.entry(series) {
+            Entry::Occupied(mut seen) => {
+                if *seen.get() != window {
+                    seen.insert(window);
+                    self.in_window += 1;
                 }
-                self.exact.shrink_to_fit();
-                self.estimate = Some(hll);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(window);
+                self.in_window += 1;
+                if self.last_seen.len() > self.limit {
+                    self.switch_to_estimates();
+                }
             }
         }
     }
 
-    /// The count, and whether it is an estimate.
-    pub fn count(&mut self) -> (u64, bool) {
+    fn switch_to_estimates(&mut self) {
+        let (Some(mut window), Some(mut total)) = (new_hll(), new_hll()) else {
+            return;
+        };
+        for (series, seen) in self.last_seen.drain() {
+            total.insert(&series);
+            if seen == self.window {
+                window.insert(&series);
+            }
+        }
+        self.last_seen.shrink_to_fit();
+        self.estimate = Some((window, total));
+    }
+
+    /// Distinct series of the current window, and whether it is an estimate.
+    pub fn window_count(&mut self) -> (u64, bool) {
         match &mut self.estimate {
-            Some(hll) => (hll.count().round() as u64, true),
-            None => (self.exact.len() as u64, false),
+            Some((window, _)) => (window.count().round() as u64, true),
+            None => (self.in_window, false),
         }
     }
 
-    pub fn clear(&mut self) {
-        self.exact.clear();
-        self.estimate = None;
+    /// Distinct series since start, and whether it is an estimate.
+    pub fn total_count(&mut self) -> (u64, bool) {
+        match &mut self.estimate {
+            Some((_, total)) => (total.count().round() as u64, true),
+            None => (self.last_seen.len() as u64, false),
+        }
+    }
+
+    /// Starts a new window.
+    pub fn next_window(&mut self) {
+        self.window = self.window.wrapping_add(1);
+        self.in_window = 0;
+        if let Some((window, _)) = &mut self.estimate {
+            if let Some(fresh) = new_hll() {
+                *window = fresh;
+            }
+        }
     }
 }
 
@@ -155,10 +206,9 @@ pub fn for_each_series(
 pub struct VolumeMeter {
     state: ahash::RandomState,
     window_start: Instant,
-    window_series: SeriesCounter,
+    series: SeriesTracker,
     window_points: u64,
     window_bytes: u64,
-    total_series: SeriesCounter,
     handles: MeterHandles,
 }
 
@@ -189,21 +239,17 @@ impl VolumeMeter {
         Self {
             state: series_hash_state(),
             window_start: Instant::now(),
-            window_series: SeriesCounter::new(EXACT_SERIES_LIMIT),
+            series: SeriesTracker::new(EXACT_SERIES_LIMIT),
             window_points: 0,
             window_bytes: 0,
-            total_series: SeriesCounter::new(EXACT_SERIES_LIMIT),
             handles,
         }
     }
 
     /// Accounts one encoded output request.
     pub fn observe(&mut self, request: &[u8], data_points: u64) {
-        let (window, total) = (&mut self.window_series, &mut self.total_series);
-        let walked = for_each_series(&self.state, request, |series| {
-            window.insert(series);
-            total.insert(series);
-        });
+        let tracker = &mut self.series;
+        let walked = for_each_series(&self.state, request, |series| tracker.insert(series));
         if let Err(err) = walked {
             tracing::warn!(error = %err, "pipeline output could not be metered");
         }
@@ -222,19 +268,19 @@ impl VolumeMeter {
         if now < self.next_rotation() {
             return;
         }
-        let (series, estimated) = self.window_series.count();
+        let (series, estimated) = self.series.window_count();
         self.handles.window_series.set(series as f64);
         self.handles
             .window_estimated
             .set(f64::from(u8::from(estimated)));
         self.handles.window_points.set(self.window_points as f64);
         self.handles.window_bytes.set(self.window_bytes as f64);
-        let (total, estimated) = self.total_series.count();
+        let (total, estimated) = self.series.total_count();
         self.handles.total_series.set(total as f64);
         self.handles
             .total_estimated
             .set(f64::from(u8::from(estimated)));
-        self.window_series.clear();
+        self.series.next_window();
         self.window_points = 0;
         self.window_bytes = 0;
         // Windows stay aligned to the first one even if a rotation was late.
@@ -250,8 +296,10 @@ mod tests {
     use crate::otlp::testdata;
     use prost::Message;
 
-    fn series_of(request: &crate::otlp::ExportMetricsServiceRequest) -> HashSet<u64> {
-        let mut set = HashSet::new();
+    fn series_of(
+        request: &crate::otlp::ExportMetricsServiceRequest,
+    ) -> std::collections::HashSet<u64> {
+        let mut set = std::collections::HashSet::new();
         let bytes = request.encode_to_vec();
         for_each_series(&series_hash_state(), &bytes, |s| {
             set.insert(s);
@@ -277,19 +325,42 @@ mod tests {
     }
 
     #[test]
+    fn windows_count_their_own_series_and_totals_accumulate() {
+        let mut tracker = SeriesTracker::new(1000);
+        for s in [1u64, 2, 3, 2, 1] {
+            tracker.insert(s);
+        }
+        assert_eq!(tracker.window_count(), (3, false));
+        tracker.next_window();
+        assert_eq!(tracker.window_count(), (0, false));
+        for s in [3u64, 4, 3] {
+            tracker.insert(s);
+        }
+        assert_eq!(tracker.window_count(), (2, false));
+        assert_eq!(tracker.total_count(), (4, false));
+    }
+
+    #[test]
     fn exact_counting_switches_to_an_estimate_past_the_limit() {
-        let mut counter = SeriesCounter::new(1000);
+        let mut tracker = SeriesTracker::new(1000);
         let state = series_hash_state();
         for i in 0..1000u64 {
-            counter.insert(state.hash_one(i));
+            tracker.insert(state.hash_one(i));
         }
-        assert_eq!(counter.count(), (1000, false));
-        for i in 1000..20_000u64 {
-            counter.insert(state.hash_one(i));
+        assert_eq!(tracker.total_count(), (1000, false));
+        tracker.next_window();
+        for i in 500..20_000u64 {
+            tracker.insert(state.hash_one(i));
         }
-        let (estimate, estimated) = counter.count();
-        assert!(estimated);
-        let error = (estimate as f64 - 20_000.0).abs() / 20_000.0;
-        assert!(error < 0.05, "estimate {estimate} is {error:.3} off");
+        let within = |(n, estimated): (u64, bool), expected: f64| {
+            assert!(estimated);
+            let error = (n as f64 - expected).abs() / expected;
+            assert!(error < 0.05, "estimate {n} is {error:.3} off {expected}");
+        };
+        within(tracker.total_count(), 20_000.0);
+        within(tracker.window_count(), 19_500.0);
+        tracker.next_window();
+        tracker.insert(state.hash_one(7u64));
+        assert_eq!(tracker.window_count().0, 1);
     }
 }
