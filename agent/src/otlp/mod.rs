@@ -2,6 +2,7 @@
 //! the lean wire walk and a gRPC codec that keeps requests as bytes.
 
 pub mod codec;
+pub mod rewrite;
 pub mod testdata;
 pub mod wire;
 

@@ -1,25 +1,30 @@
 //! `attributes`: deletes, inserts, upserts, hashes, renames and keeps only some attributes of
 //! resources and data points.
 //!
-//! Keys and values are compiled once when the config is parsed. On the hot path attributes
-//! are changed in place: deletions use `retain`, a string value replaced by another or by a
-//! hash reuses its buffer, and only an added attribute allocates.
+//! Keys are compiled and values encoded once when the config is parsed. The processor works
+//! on the encoded request (`otlp::rewrite`): no decode, no copy of a decoded request, no
+//! re-encode. A resource or data point whose attributes no action changes is copied from the
+//! input as part of a longer run. Actions that only remove attributes (`delete`,
+//! `keep_only`, the usual case) leave out single `KeyValue`s in the same pass; other lists
+//! that change are written again, the attributes the actions left alone copied as received.
+//! Without data point actions, the processor does not look below the resources.
 
-use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use ahash::AHashSet;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::metric::Data;
-use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 use serde::Deserialize;
 use serde_yaml::Value;
-use sha2::{Digest, Sha256};
 
 use super::{ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, ComponentId, Issue};
-use crate::otlp::{ExportMetricsServiceRequest, Payload};
+use crate::otlp::rewrite::{
+    self, begin_message, end_message, hash_hex, put_len_field, put_tag, put_varint, Attributes,
+    Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit, Spans, Value as WireValue,
+};
+use crate::otlp::wire::WireError;
+use crate::otlp::Payload;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "attributes",
@@ -128,6 +133,8 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
             actions.datapoint.push(action);
         }
     }
+    actions.resource.compile();
+    actions.datapoint.compile();
     if issues.is_empty() {
         Ok(Arc::new(AttributesConfig {
             actions: Arc::new(actions),
@@ -141,11 +148,36 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
 #[derive(Debug, Clone)]
 enum Action {
     Delete { key: String },
-    Insert { key: String, value: AnyValue },
-    Upsert { key: String, value: AnyValue },
+    Insert { key: String, value: EncodedValue },
+    Upsert { key: String, value: EncodedValue },
     Hash { key: String },
     Rename { key: String, new_key: String },
     KeepOnly { keys: KeySet },
+}
+
+/// The value of an insert or upsert, encoded once when the config is parsed.
+#[derive(Debug, Clone)]
+struct EncodedValue {
+    /// The `AnyValue`, for an upsert that replaces the value of an attribute.
+    any_value: Vec<u8>,
+    /// The whole `KeyValue`, for an attribute that is added.
+    key_value: Vec<u8>,
+}
+
+impl EncodedValue {
+    fn new(key: &str, value: AnyValue) -> Self {
+        let any_value = value.encode_to_vec();
+        let key_value = KeyValue {
+            key: key.to_string(),
+            value: Some(value),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        Self {
+            any_value,
+            key_value,
+        }
+    }
 }
 
 impl Action {
@@ -244,8 +276,14 @@ impl Action {
 
         match (kind, key, value, new_key, keys) {
             (Delete, Some(key), ..) => Some(Action::Delete { key }),
-            (Insert, Some(key), Some(value), ..) => Some(Action::Insert { key, value }),
-            (Upsert, Some(key), Some(value), ..) => Some(Action::Upsert { key, value }),
+            (Insert, Some(key), Some(value), ..) => Some(Action::Insert {
+                value: EncodedValue::new(&key, value),
+                key,
+            }),
+            (Upsert, Some(key), Some(value), ..) => Some(Action::Upsert {
+                value: EncodedValue::new(&key, value),
+                key,
+            }),
             (Hash, Some(key), ..) => Some(Action::Hash { key }),
             (Rename, Some(key), _, Some(new_key), _) => Some(Action::Rename { key, new_key }),
             (KeepOnly, _, _, _, Some(keys)) => Some(Action::KeepOnly { keys }),
@@ -262,39 +300,47 @@ impl Action {
         matches!(self, Action::Insert { .. } | Action::Upsert { .. })
     }
 
-    fn apply(&self, attributes: &mut Vec<KeyValue>) {
+    /// Applies the action to one attribute list.
+    fn apply<'a>(&'a self, attributes: &mut Vec<Attribute<'a>>) -> Result<(), WireError> {
         match self {
-            Action::Delete { key } => attributes.retain(|kv| kv.key != *key),
+            Action::Delete { key } => attributes.retain(|kv| kv.key != key.as_bytes()),
             Action::Insert { key, value } => {
-                if !attributes.iter().any(|kv| kv.key == *key) {
-                    attributes.push(new_attribute(key, value));
+                if !attributes.iter().any(|kv| kv.key == key.as_bytes()) {
+                    attributes.push(Attribute::added(key, value));
                 }
             }
             Action::Upsert { key, value } => {
                 let mut found = false;
-                for kv in attributes.iter_mut().filter(|kv| kv.key == *key) {
-                    set_value(&mut kv.value, value);
+                for kv in attributes.iter_mut().filter(|kv| kv.key == key.as_bytes()) {
+                    kv.value = NewValue::Set(&value.any_value);
                     found = true;
                 }
                 if !found {
-                    attributes.push(new_attribute(key, value));
+                    attributes.push(Attribute::added(key, value));
                 }
             }
-            Action::Hash { key } => attributes
-                .iter_mut()
-                .filter(|kv| kv.key == *key)
-                .for_each(|kv| hash_value(&mut kv.value)),
+            Action::Hash { key } => {
+                for kv in attributes.iter_mut().filter(|kv| kv.key == key.as_bytes()) {
+                    let hash = match kv.value {
+                        NewValue::Received => hash_hex(&kv.received().value()?),
+                        NewValue::Set(any_value) => hash_hex(&WireValue::parse(any_value)?),
+                        NewValue::Hashed(text) => hash_hex(&WireValue::String(&text)),
+                    };
+                    kv.value = NewValue::Hashed(hash);
+                }
+            }
             Action::Rename { key, new_key } => {
-                if attributes.iter().any(|kv| kv.key == *key) {
-                    attributes.retain(|kv| kv.key != *new_key);
-                    attributes
-                        .iter_mut()
-                        .filter(|kv| kv.key == *key)
-                        .for_each(|kv| kv.key.clone_from(new_key));
+                if attributes.iter().any(|kv| kv.key == key.as_bytes()) {
+                    attributes.retain(|kv| kv.key != new_key.as_bytes());
+                    for kv in attributes.iter_mut().filter(|kv| kv.key == key.as_bytes()) {
+                        kv.key = new_key.as_bytes();
+                        kv.renamed = true;
+                    }
                 }
             }
-            Action::KeepOnly { keys } => attributes.retain(|kv| keys.contains(&kv.key)),
+            Action::KeepOnly { keys } => attributes.retain(|kv| keys.contains(kv.key)),
         }
+        Ok(())
     }
 }
 
@@ -340,93 +386,11 @@ fn to_any_value(value: &Value) -> Result<AnyValue, String> {
     Ok(AnyValue { value: Some(value) })
 }
 
-fn new_attribute(key: &str, value: &AnyValue) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(value.clone()),
-        ..Default::default()
-    }
-}
-
-/// Sets `slot` to `value`, reusing the string buffer when both are strings.
-fn set_value(slot: &mut Option<AnyValue>, value: &AnyValue) {
-    if let (
-        Some(AnyValue {
-            value: Some(any_value::Value::StringValue(old)),
-        }),
-        Some(any_value::Value::StringValue(new)),
-    ) = (slot.as_mut(), &value.value)
-    {
-        old.clone_from(new);
-        return;
-    }
-    *slot = Some(value.clone());
-}
-
-/// Feeds formatted text straight into a digest, without a buffer.
-struct DigestWriter<'a>(&'a mut Sha256);
-
-impl fmt::Write for DigestWriter<'_> {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.update(s.as_bytes());
-        Ok(())
-    }
-}
-
-/// Replaces `slot` by the truncated SHA-256 hex of its text, as a string value.
-fn hash_value(slot: &mut Option<AnyValue>) {
-    let mut hasher = Sha256::new();
-    // Writing to a DigestWriter cannot fail.
-    match slot.as_ref().and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => hasher.update(s.as_bytes()),
-        Some(any_value::Value::BoolValue(b)) => hasher.update(if *b { "true" } else { "false" }),
-        Some(any_value::Value::IntValue(i)) => {
-            let _ = write!(DigestWriter(&mut hasher), "{i}");
-        }
-        Some(any_value::Value::DoubleValue(d)) => {
-            let _ = write!(DigestWriter(&mut hasher), "{d}");
-        }
-        Some(any_value::Value::StringValueStrindex(i)) => {
-            let _ = write!(DigestWriter(&mut hasher), "{i}");
-        }
-        Some(any_value::Value::BytesValue(b)) => hasher.update(b),
-        Some(any_value::Value::ArrayValue(_) | any_value::Value::KvlistValue(_)) => {
-            if let Some(value) = slot.as_ref() {
-                hasher.update(value.encode_to_vec());
-            }
-        }
-        None => {}
-    }
-    let digest = hasher.finalize();
-    let digest = &digest[..HASH_HEX_LEN / 2];
-    match slot.as_mut().and_then(|v| v.value.as_mut()) {
-        Some(any_value::Value::StringValue(s)) => {
-            s.clear();
-            push_hex(s, digest);
-        }
-        _ => {
-            let mut s = String::with_capacity(HASH_HEX_LEN);
-            push_hex(&mut s, digest);
-            *slot = Some(AnyValue {
-                value: Some(any_value::Value::StringValue(s)),
-            });
-        }
-    }
-}
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for &b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-}
-
 /// Keys to keep: a short list is scanned, a long one hashed.
 #[derive(Debug, Clone)]
 enum KeySet {
     Few(Vec<String>),
-    Many(AHashSet<String>),
+    Many(AHashSet<Vec<u8>>),
 }
 
 /// From this many keys on, they are looked up in a hash set.
@@ -435,15 +399,16 @@ const KEY_SET_MIN: usize = 8;
 impl KeySet {
     fn new(keys: &[String]) -> Self {
         if keys.len() >= KEY_SET_MIN {
-            KeySet::Many(keys.iter().cloned().collect())
+            KeySet::Many(keys.iter().map(|k| k.as_bytes().to_vec()).collect())
         } else {
             KeySet::Few(keys.to_vec())
         }
     }
 
-    fn contains(&self, key: &str) -> bool {
+    /// Keys are compared as bytes straight from the wire: a key that is not UTF-8 is in no set.
+    fn contains(&self, key: &[u8]) -> bool {
         match self {
-            KeySet::Few(keys) => keys.iter().any(|k| k == key),
+            KeySet::Few(keys) => keys.iter().any(|k| k.as_bytes() == key),
             KeySet::Many(keys) => keys.contains(key),
         }
     }
@@ -452,49 +417,341 @@ impl KeySet {
 /// The compiled actions, split by target, each list in config order.
 #[derive(Debug, Default)]
 struct Actions {
-    resource: Vec<Action>,
-    datapoint: Vec<Action>,
+    resource: ActionList,
+    datapoint: ActionList,
     /// Whether a resource action may add an attribute, so a missing resource is created.
     resource_adds: bool,
 }
 
-impl Actions {
-    fn apply(&self, request: &mut ExportMetricsServiceRequest) {
-        for rm in &mut request.resource_metrics {
-            if !self.resource.is_empty() {
-                if rm.resource.is_none() && self.resource_adds {
-                    rm.resource = Some(Resource::default());
-                }
-                if let Some(resource) = &mut rm.resource {
-                    for action in &self.resource {
-                        action.apply(&mut resource.attributes);
+/// The actions that apply to one kind of attribute list, in config order.
+#[derive(Debug, Default)]
+struct ActionList {
+    actions: Vec<Action>,
+    /// Whether every list changes (an upsert sets or adds its key whatever the list holds).
+    always_changes: bool,
+    /// Bit `i` set: action `i` is an insert, which changes a list without its key.
+    inserts: u64,
+    /// Whether every action only removes attributes (`delete`, `keep_only`): the result is
+    /// then the list as received less the attributes some action refuses, which the walk
+    /// works out one attribute at a time, in one pass and without a list.
+    removes_only: bool,
+}
+
+impl ActionList {
+    fn push(&mut self, action: Action) {
+        self.actions.push(action);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    /// Works out what [`ActionList::changes`] needs, once the list is complete.
+    fn compile(&mut self) {
+        self.inserts = 0;
+        self.always_changes = false;
+        self.removes_only = !self.actions.is_empty()
+            && self
+                .actions
+                .iter()
+                .all(|a| matches!(a, Action::Delete { .. } | Action::KeepOnly { .. }));
+        for (i, action) in self.actions.iter().enumerate() {
+            match action {
+                Action::Upsert { .. } => self.always_changes = true,
+                Action::Insert { .. } => {
+                    match u32::try_from(i).ok().and_then(|i| 1u64.checked_shl(i)) {
+                        Some(bit) => self.inserts |= bit,
+                        // Past 64 actions, take every list as changed: always correct, just slower.
+                        None => self.always_changes = true,
                     }
                 }
+                _ => {}
             }
-            if !self.datapoint.is_empty() {
-                let metrics = rm.scope_metrics.iter_mut().flat_map(|sm| &mut sm.metrics);
-                for data in metrics.filter_map(|m| m.data.as_mut()) {
-                    for_each_point_attributes(data, |attributes| {
-                        for action in &self.datapoint {
-                            action.apply(attributes);
-                        }
-                    });
+        }
+    }
+
+    /// For a list of [`ActionList::removes_only`]: whether the attribute with this key stays.
+    #[inline]
+    fn keeps(&self, key: &[u8]) -> bool {
+        self.actions.iter().all(|action| match action {
+            Action::Delete { key: k } => k.as_bytes() != key,
+            Action::KeepOnly { keys } => keys.contains(key),
+            _ => true,
+        })
+    }
+
+    /// Whether the actions change `attributes`, found in one pass over their keys. Until
+    /// the first action that changes the list, every action sees the list as received, so it
+    /// is enough to ask each one about the received list.
+    fn changes(&self, attributes: Attributes<'_>) -> Result<bool, WireError> {
+        if self.always_changes {
+            return Ok(true);
+        }
+        let mut inserts_present = 0u64;
+        for kv in attributes.iter() {
+            let key = kv?.key;
+            for (i, action) in self.actions.iter().enumerate() {
+                match action {
+                    Action::Delete { key: k }
+                    | Action::Hash { key: k }
+                    | Action::Rename { key: k, .. }
+                        if k.as_bytes() == key =>
+                    {
+                        return Ok(true)
+                    }
+                    Action::KeepOnly { keys } if !keys.contains(key) => return Ok(true),
+                    Action::Insert { key: k, .. } if k.as_bytes() == key => {
+                        inserts_present |= u32::try_from(i)
+                            .ok()
+                            .and_then(|i| 1u64.checked_shl(i))
+                            .unwrap_or(0);
+                    }
+                    _ => {}
                 }
             }
+        }
+        // An insert whose key is absent adds it.
+        Ok(inserts_present != self.inserts)
+    }
+
+    /// Writes the body of `message` with its attributes (the fields numbered `field`) as the
+    /// actions leave them. Its other fields are copied as they are; the attributes go where
+    /// the first one was, or at the end.
+    fn write<'a>(
+        &'a self,
+        message: &'a [u8],
+        field: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        let mut attributes = Vec::new();
+        for kv in Attributes::new(message, field).iter() {
+            attributes.push(Attribute::from(kv?));
+        }
+        for action in &self.actions {
+            action.apply(&mut attributes)?;
+        }
+        let mut copied = 0;
+        let mut written = false;
+        for span in Spans::new(message) {
+            let span = span?;
+            if span.number != field {
+                continue;
+            }
+            out.extend_from_slice(
+                message
+                    .get(copied..span.start)
+                    .ok_or(WireError::Truncated("attribute"))?,
+            );
+            copied = span.end;
+            if !written {
+                for kv in &attributes {
+                    kv.write(field, out)?;
+                }
+                written = true;
+            }
+        }
+        out.extend_from_slice(
+            message
+                .get(copied..)
+                .ok_or(WireError::Truncated("attribute"))?,
+        );
+        if !written {
+            for kv in &attributes {
+                kv.write(field, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One attribute of a list the actions are changing.
+#[derive(Debug, Clone, Copy)]
+struct Attribute<'a> {
+    /// The encoded `KeyValue` it was: as received, or as an action adds it.
+    encoded: &'a [u8],
+    key: &'a [u8],
+    /// Whether `key` replaces the key in `encoded` (a rename).
+    renamed: bool,
+    value: NewValue<'a>,
+}
+
+/// The value of an [`Attribute`].
+#[derive(Debug, Clone, Copy)]
+enum NewValue<'a> {
+    /// The one in `encoded`.
+    Received,
+    /// An encoded `AnyValue` set by an upsert.
+    Set(&'a [u8]),
+    /// A hash, as a string.
+    Hashed([u8; HASH_HEX_LEN]),
+}
+
+impl<'a> From<KeyValueRef<'a>> for Attribute<'a> {
+    fn from(kv: KeyValueRef<'a>) -> Self {
+        Self {
+            encoded: kv.encoded,
+            key: kv.key,
+            renamed: false,
+            value: NewValue::Received,
         }
     }
 }
 
-/// Calls `f` on the attributes of every data point, of whatever type.
-fn for_each_point_attributes(data: &mut Data, mut f: impl FnMut(&mut Vec<KeyValue>)) {
-    match data {
-        Data::Gauge(g) => g.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
-        Data::Sum(s) => s.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
-        Data::Histogram(h) => h.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
-        Data::ExponentialHistogram(h) => {
-            h.data_points.iter_mut().for_each(|p| f(&mut p.attributes))
+impl<'a> Attribute<'a> {
+    fn added(key: &'a str, value: &'a EncodedValue) -> Self {
+        Self {
+            encoded: &value.key_value,
+            key: key.as_bytes(),
+            renamed: false,
+            value: NewValue::Received,
         }
-        Data::Summary(s) => s.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+    }
+
+    /// The `KeyValue` it started as.
+    fn received(&self) -> KeyValueRef<'a> {
+        KeyValueRef {
+            encoded: self.encoded,
+            key: self.key,
+        }
+    }
+
+    /// Writes the attribute as field `field`: as it came when nothing changed it, otherwise
+    /// its other fields (`key_strindex`, unknown ones) as they came plus its new key or value.
+    fn write(&self, field: u32, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let new_value = !matches!(self.value, NewValue::Received);
+        if !self.renamed && !new_value {
+            put_len_field(out, field, self.encoded);
+            return Ok(());
+        }
+        let placeholder = begin_message(out, field, self.encoded.len());
+        let mut copied = 0;
+        for span in Spans::new(self.encoded) {
+            let span = span?;
+            let replaced = match span.number {
+                rewrite::KEY_VALUE_KEY => self.renamed,
+                rewrite::KEY_VALUE_VALUE => new_value,
+                _ => false,
+            };
+            if replaced {
+                out.extend_from_slice(
+                    self.encoded
+                        .get(copied..span.start)
+                        .ok_or(WireError::Truncated("attribute"))?,
+                );
+                copied = span.end;
+            }
+        }
+        out.extend_from_slice(
+            self.encoded
+                .get(copied..)
+                .ok_or(WireError::Truncated("attribute"))?,
+        );
+        if self.renamed {
+            put_len_field(out, rewrite::KEY_VALUE_KEY, self.key);
+        }
+        match self.value {
+            NewValue::Received => {}
+            NewValue::Set(any_value) => put_len_field(out, rewrite::KEY_VALUE_VALUE, any_value),
+            NewValue::Hashed(text) => {
+                // An AnyValue holding one string.
+                put_tag(out, rewrite::KEY_VALUE_VALUE, rewrite::WT_LEN);
+                put_varint(out, 2 + text.len() as u64);
+                put_len_field(out, rewrite::ANY_VALUE_STRING, &text);
+            }
+        }
+        end_message(out, placeholder)
+    }
+}
+
+/// The actions as the wire-level rewrite asks for them.
+struct AttributesEdit<'a> {
+    actions: &'a Actions,
+}
+
+impl Edit for AttributesEdit<'_> {
+    type Resource = ();
+    type Point = ();
+
+    /// The processor changes attributes, it never removes points: what was empty stays.
+    const PRUNE: bool = false;
+
+    fn resource(&mut self, resource: Option<&[u8]>) -> Result<ResourceEdit<()>, WireError> {
+        let actions = &self.actions.resource;
+        let changes = match resource {
+            _ if actions.is_empty() => false,
+            // Only an action that adds makes a resource where there was none.
+            None => self.actions.resource_adds,
+            Some(_) if actions.removes_only => return Ok(ResourceEdit::FilterAttributes(())),
+            Some(resource) => actions.changes(Attributes::of_resource(resource))?,
+        };
+        Ok(if changes {
+            ResourceEdit::Rewrite(())
+        } else {
+            ResourceEdit::Keep(())
+        })
+    }
+
+    fn write_resource(
+        &mut self,
+        resource: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        self.actions.resource.write(
+            resource.unwrap_or_default(),
+            rewrite::RESOURCE_ATTRIBUTES,
+            out,
+        )
+    }
+
+    fn descends(&self, _: ()) -> bool {
+        !self.actions.datapoint.is_empty()
+    }
+
+    fn reads_metric_names(&self, _: ()) -> bool {
+        false
+    }
+
+    fn metric(&mut self, _: (), _name: &str) -> MetricEdit<()> {
+        if self.actions.datapoint.is_empty() {
+            MetricEdit::KeepAll
+        } else {
+            MetricEdit::PerPoint(())
+        }
+    }
+
+    fn point(&mut self, _: (), attributes: Attributes<'_>) -> Result<PointEdit, WireError> {
+        if self.actions.datapoint.removes_only {
+            return Ok(PointEdit::FilterAttributes);
+        }
+        Ok(if self.actions.datapoint.changes(attributes)? {
+            PointEdit::Rewrite
+        } else {
+            PointEdit::Keep
+        })
+    }
+
+    #[inline]
+    fn keep_attribute(
+        &mut self,
+        on_resource: bool,
+        attribute: KeyValueRef<'_>,
+    ) -> Result<bool, WireError> {
+        let actions = if on_resource {
+            &self.actions.resource
+        } else {
+            &self.actions.datapoint
+        };
+        Ok(actions.keeps(attribute.key))
+    }
+
+    fn write_point(
+        &mut self,
+        _: (),
+        point: &[u8],
+        attribute_field: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        self.actions.datapoint.write(point, attribute_field, out)
     }
 }
 
@@ -505,6 +762,11 @@ pub struct AttributesConfig {
 }
 
 impl ProcessorConfig for AttributesConfig {
+    /// The processor reads the wire, so receivers need not decode for it.
+    fn reads_decoded(&self) -> bool {
+        false
+    }
+
     fn build(&self, _id: &ComponentId) -> Box<dyn Processor> {
         Box::new(AttributesProcessor {
             actions: Arc::clone(&self.actions),
@@ -518,10 +780,190 @@ struct AttributesProcessor {
 
 impl Processor for AttributesProcessor {
     fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError> {
-        let mut request = input.into_request()?;
-        self.actions.apply(&mut request);
-        out.push(Payload::Decoded(request));
+        let mut edit = AttributesEdit {
+            actions: &self.actions,
+        };
+        out.push(rewrite::rewrite_payload(input, &mut edit)?.payload);
         Ok(())
+    }
+}
+
+/// The actions as they were written on decoded requests, kept as the reference the
+/// wire-level processor is checked against.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod oracle {
+    use std::fmt::{self, Write as _};
+
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+
+    use super::{Action, Actions, HASH_HEX_LEN};
+    use crate::otlp::ExportMetricsServiceRequest;
+
+    fn decoded(value: &super::EncodedValue) -> AnyValue {
+        AnyValue::decode(&value.any_value[..]).unwrap()
+    }
+
+    fn apply_action(action: &Action, attributes: &mut Vec<KeyValue>) {
+        match action {
+            Action::Delete { key } => attributes.retain(|kv| kv.key != *key),
+            Action::Insert { key, value } => {
+                if !attributes.iter().any(|kv| kv.key == *key) {
+                    attributes.push(new_attribute(key, &decoded(value)));
+                }
+            }
+            Action::Upsert { key, value } => {
+                let value = decoded(value);
+                let mut found = false;
+                for kv in attributes.iter_mut().filter(|kv| kv.key == *key) {
+                    set_value(&mut kv.value, &value);
+                    found = true;
+                }
+                if !found {
+                    attributes.push(new_attribute(key, &value));
+                }
+            }
+            Action::Hash { key } => attributes
+                .iter_mut()
+                .filter(|kv| kv.key == *key)
+                .for_each(|kv| hash_value(&mut kv.value)),
+            Action::Rename { key, new_key } => {
+                if attributes.iter().any(|kv| kv.key == *key) {
+                    attributes.retain(|kv| kv.key != *new_key);
+                    attributes
+                        .iter_mut()
+                        .filter(|kv| kv.key == *key)
+                        .for_each(|kv| kv.key.clone_from(new_key));
+                }
+            }
+            Action::KeepOnly { keys } => attributes.retain(|kv| keys.contains(kv.key.as_bytes())),
+        }
+    }
+
+    fn new_attribute(key: &str, value: &AnyValue) -> KeyValue {
+        KeyValue {
+            key: key.to_string(),
+            value: Some(value.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// Sets `slot` to `value`, reusing the string buffer when both are strings.
+    fn set_value(slot: &mut Option<AnyValue>, value: &AnyValue) {
+        if let (
+            Some(AnyValue {
+                value: Some(any_value::Value::StringValue(old)),
+            }),
+            Some(any_value::Value::StringValue(new)),
+        ) = (slot.as_mut(), &value.value)
+        {
+            old.clone_from(new);
+            return;
+        }
+        *slot = Some(value.clone());
+    }
+
+    /// Feeds formatted text straight into a digest, without a buffer.
+    struct DigestWriter<'a>(&'a mut Sha256);
+
+    impl fmt::Write for DigestWriter<'_> {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0.update(s.as_bytes());
+            Ok(())
+        }
+    }
+
+    /// Replaces `slot` by the truncated SHA-256 hex of its text, as a string value.
+    pub fn hash_value(slot: &mut Option<AnyValue>) {
+        let mut hasher = Sha256::new();
+        // Writing to a DigestWriter cannot fail.
+        match slot.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(any_value::Value::StringValue(s)) => hasher.update(s.as_bytes()),
+            Some(any_value::Value::BoolValue(b)) => {
+                hasher.update(if *b { "true" } else { "false" })
+            }
+            Some(any_value::Value::IntValue(i)) => {
+                let _ = write!(DigestWriter(&mut hasher), "{i}");
+            }
+            Some(any_value::Value::DoubleValue(d)) => {
+                let _ = write!(DigestWriter(&mut hasher), "{d}");
+            }
+            Some(any_value::Value::StringValueStrindex(i)) => {
+                let _ = write!(DigestWriter(&mut hasher), "{i}");
+            }
+            Some(any_value::Value::BytesValue(b)) => hasher.update(b),
+            Some(any_value::Value::ArrayValue(_) | any_value::Value::KvlistValue(_)) => {
+                if let Some(value) = slot.as_ref() {
+                    hasher.update(value.encode_to_vec());
+                }
+            }
+            None => {}
+        }
+        let digest = hasher.finalize();
+        let digest = &digest[..HASH_HEX_LEN / 2];
+        match slot.as_mut().and_then(|v| v.value.as_mut()) {
+            Some(any_value::Value::StringValue(s)) => {
+                s.clear();
+                push_hex(s, digest);
+            }
+            _ => {
+                let mut s = String::with_capacity(HASH_HEX_LEN);
+                push_hex(&mut s, digest);
+                *slot = Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(s)),
+                });
+            }
+        }
+    }
+
+    fn push_hex(out: &mut String, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for &b in bytes {
+            out.push(char::from(DIGITS[usize::from(b >> 4)]));
+            out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        }
+    }
+
+    pub fn apply(actions: &Actions, request: &mut ExportMetricsServiceRequest) {
+        for rm in &mut request.resource_metrics {
+            if !actions.resource.is_empty() {
+                if rm.resource.is_none() && actions.resource_adds {
+                    rm.resource = Some(Resource::default());
+                }
+                if let Some(resource) = &mut rm.resource {
+                    for action in &actions.resource.actions {
+                        apply_action(action, &mut resource.attributes);
+                    }
+                }
+            }
+            if !actions.datapoint.is_empty() {
+                let metrics = rm.scope_metrics.iter_mut().flat_map(|sm| &mut sm.metrics);
+                for data in metrics.filter_map(|m| m.data.as_mut()) {
+                    for_each_point_attributes(data, |attributes| {
+                        for action in &actions.datapoint.actions {
+                            apply_action(action, attributes);
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Calls `f` on the attributes of every data point, of whatever type.
+    fn for_each_point_attributes(data: &mut Data, mut f: impl FnMut(&mut Vec<KeyValue>)) {
+        match data {
+            Data::Gauge(g) => g.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+            Data::Sum(s) => s.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+            Data::Histogram(h) => h.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+            Data::ExponentialHistogram(h) => {
+                h.data_points.iter_mut().for_each(|p| f(&mut p.attributes))
+            }
+            Data::Summary(s) => s.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+        }
     }
 }
 
@@ -532,8 +974,23 @@ mod tests {
     use crate::otlp::testdata::{
         all_types, gauge_metric, int_attr, number_point, request, resource_metrics, string_attr,
     };
-    use crate::otlp::Batch;
+    use crate::otlp::{Batch, ExportMetricsServiceRequest};
     use crate::processor::test_util::{parse_issues, run};
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+    /// What the `hash` action does to a value, on a decoded one.
+    fn hash_value(slot: &mut Option<AnyValue>) {
+        let encoded = slot
+            .as_ref()
+            .map(Message::encode_to_vec)
+            .unwrap_or_default();
+        let hash = hash_hex::<HASH_HEX_LEN>(&WireValue::parse(&encoded).unwrap());
+        *slot = Some(AnyValue {
+            value: Some(any_value::Value::StringValue(
+                String::from_utf8(hash.to_vec()).unwrap(),
+            )),
+        });
+    }
 
     fn attributes(yaml: &str, request: ExportMetricsServiceRequest) -> ExportMetricsServiceRequest {
         let mut out = run("attributes", yaml, vec![Payload::Decoded(request)]);
@@ -1056,5 +1513,138 @@ actions:
 "#
         )
         .is_empty());
+    }
+
+    /// A random action list drawn from what random requests hold. JSON is YAML.
+    fn random_config(rng: &mut rand::rngs::StdRng) -> String {
+        use crate::otlp::rewrite::tests::KEYS;
+        use rand::seq::IndexedRandom;
+        use rand::Rng;
+        use serde_json::json;
+        let values = [
+            json!("x"),
+            json!("node-1"),
+            json!(7),
+            json!(0.25),
+            json!(true),
+        ];
+        let actions: Vec<serde_json::Value> = (0..rng.random_range(1..5))
+            .map(|_| {
+                let key = *KEYS.choose(rng).unwrap();
+                let mut action = match rng.random_range(0..6) {
+                    0 => json!({"action": "delete", "key": key}),
+                    1 => json!({"action": "insert", "key": key, "value": values.choose(rng).unwrap()}),
+                    2 => json!({"action": "upsert", "key": key, "value": values.choose(rng).unwrap()}),
+                    3 => json!({"action": "hash", "key": key}),
+                    4 => {
+                        let new_key = KEYS.iter().copied().filter(|k| *k != key).collect::<Vec<_>>();
+                        json!({"action": "rename", "key": key, "new_key": new_key.choose(rng).unwrap()})
+                    }
+                    _ => {
+                        let mut keys: Vec<String> = (0..rng.random_range(1..4))
+                            .map(|_| KEYS.choose(rng).unwrap().to_string())
+                            .collect();
+                        if rng.random_ratio(1, 3) {
+                            // Enough keys for a hashed set.
+                            keys.extend((0..10).map(|i| format!("other{i}")));
+                        }
+                        json!({"action": "keep_only", "keys": keys})
+                    }
+                };
+                let on = ["both", "resource", "datapoint"].choose(rng).unwrap();
+                action["on"] = json!(on);
+                action
+            })
+            .collect();
+        json!({ "actions": actions }).to_string()
+    }
+
+    /// The wire-level processor gives what the struct-level one it replaced gives, on random
+    /// requests and action lists, whatever form the payload comes in.
+    #[test]
+    fn wire_actions_equal_the_struct_actions() {
+        use crate::otlp::rewrite::tests::{random_request, shared};
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4154_5452);
+        let mut changed = 0;
+        for round in 0..3000 {
+            let yaml = random_config(&mut rng);
+            let id = ComponentId::parse("attributes").unwrap();
+            let config = parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
+            // The compiled actions, as the oracle needs them: parsed again the same way.
+            let raw: RawAttributesConfig = serde_yaml::from_str(&yaml).unwrap();
+            let mut issues = Vec::new();
+            let mut reference = Actions::default();
+            for (i, raw_action) in raw.actions.iter().enumerate() {
+                let action =
+                    Action::compile(raw_action, &format!("actions[{i}]"), &mut issues).unwrap();
+                if matches!(raw_action.on, Target::Both | Target::Resource) {
+                    reference.resource_adds |= action.adds();
+                    reference.resource.push(action.clone());
+                }
+                if matches!(raw_action.on, Target::Both | Target::Datapoint) {
+                    reference.datapoint.push(action);
+                }
+            }
+            let request = random_request(&mut rng);
+            let mut expected = request.clone();
+            oracle::apply(&reference, &mut expected);
+
+            let input = match round % 3 {
+                0 => shared(&request),
+                1 => Payload::Encoded {
+                    bytes: bytes::Bytes::from(request.encode_to_vec()),
+                    data_points: crate::otlp::data_points(&request),
+                },
+                _ => Payload::Decoded(request.clone()),
+            };
+            let mut processor = config.build(&id);
+            let mut out = Vec::new();
+            processor.process(input, &mut out).unwrap();
+            assert_eq!(out.len(), 1);
+            let payload = out.pop().unwrap();
+            let points = payload.data_points();
+            let got = payload.into_request().unwrap();
+            assert_eq!(got, expected, "{yaml}\n{request:?}");
+            assert_eq!(points, crate::otlp::data_points(&got));
+            changed += usize::from(got != request);
+        }
+        // The random configs do exercise the actions.
+        assert!(changed > 1000, "{changed} changed");
+    }
+
+    #[test]
+    fn untouched_points_are_copied_and_changed_ones_keep_their_other_fields() {
+        // key_strindex survives a rename and a hash; a point no action touches is copied.
+        let mut request = one();
+        let point_attributes = vec![
+            KeyValue {
+                key_strindex: 5,
+                ..string_attr("process.owner", "alice")
+            },
+            string_attr("state", "idle"),
+        ];
+        request.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .push(gauge_metric(
+                "other",
+                vec![
+                    number_point(point_attributes, 2.0),
+                    number_point(vec![string_attr("x", "y")], 3.0),
+                ],
+            ));
+        let out = attributes(
+            "actions: [{key: process.owner, action: rename, new_key: user}, {key: user, action: hash}]",
+            request,
+        );
+        let metrics = &out.resource_metrics[0].scope_metrics[0].metrics;
+        let Some(Data::Gauge(gauge)) = &metrics[1].data else {
+            panic!("a gauge")
+        };
+        let renamed = &gauge.data_points[0].attributes[0];
+        assert_eq!(renamed.key, "user");
+        assert_eq!(renamed.key_strindex, 5);
+        assert_eq!(render(renamed.value.as_ref()), "2bd806c97f0e00af");
+        assert_eq!(gauge.data_points[1].attributes, vec![string_attr("x", "y")]);
     }
 }

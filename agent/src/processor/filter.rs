@@ -1,11 +1,14 @@
 //! `filter`: keeps or drops whole resources, whole metrics and single data points by metric
 //! name and attribute value, then prunes the scopes and resources left empty.
 //!
-//! Every pattern is compiled once when the config is parsed. On the hot path nothing is
-//! allocated per data point: vectors are filtered in place with `retain`, string attribute
-//! values are matched as `&str`, and numbers and booleans are rendered into one reused
-//! buffer. A shared batch the filter would not change is passed on as is, neither copied nor
-//! re-encoded.
+//! Every pattern is compiled once when the config is parsed. The filter works on the encoded
+//! request (`otlp::rewrite`): no decode, no copy of a decoded request, no re-encode. What it
+//! keeps is copied from the input in runs; only the messages around what it drops are
+//! re-framed. Nothing is allocated per data point: string attribute values are matched as
+//! `&str` straight from the input, and numbers and booleans are rendered into one reused
+//! buffer. A batch the filter does not change is passed on as is (a shared batch stays
+//! shared, not copied), and so is a resource under which the criteria cannot drop anything
+//! (with resource criteria only, the filter does not look below the resources).
 
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
@@ -13,9 +16,6 @@ use std::sync::Arc;
 use ahash::AHashSet;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use indexmap::IndexMap;
-use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::metric::Data;
-use opentelemetry_proto::tonic::resource::v1::Resource;
 use regex::Regex;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
@@ -23,7 +23,11 @@ use serde_yaml::Value;
 
 use super::{ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, ComponentId, Issue};
-use crate::otlp::{prune_empty, ExportMetricsServiceRequest, Payload};
+use crate::otlp::rewrite::{
+    self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit, Value as WireValue,
+};
+use crate::otlp::wire::WireError;
+use crate::otlp::Payload;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "filter",
@@ -282,25 +286,18 @@ impl AttributeCriterion {
     }
 
     /// Whether `attributes` holds this key (its first occurrence) with a matching value.
-    fn matches(&self, attributes: &[KeyValue], scratch: &mut String) -> bool {
-        let value = attributes
-            .iter()
-            .find(|kv| kv.key == self.key)
-            .and_then(|kv| kv.value.as_ref())
-            .and_then(|v| v.value.as_ref());
-        match value {
-            Some(any_value::Value::StringValue(s)) => self.values.is_match(s),
-            Some(any_value::Value::BoolValue(b)) => {
-                self.values.is_match(if *b { "true" } else { "false" })
-            }
-            Some(any_value::Value::IntValue(i)) => {
-                self.rendered_matches(scratch, format_args!("{i}"))
-            }
-            Some(any_value::Value::DoubleValue(d)) => {
-                self.rendered_matches(scratch, format_args!("{d}"))
-            }
+    fn matches(&self, attributes: Attributes<'_>, scratch: &mut String) -> Result<bool, WireError> {
+        let Some(kv) = attributes.find(self.key.as_bytes())? else {
+            return Ok(false);
+        };
+        Ok(match kv.value()? {
+            // A string that is not UTF-8 (a decoder would refuse it) matches no pattern.
+            WireValue::String(s) => std::str::from_utf8(s).is_ok_and(|s| self.values.is_match(s)),
+            WireValue::Bool(b) => self.values.is_match(if b { "true" } else { "false" }),
+            WireValue::Int(i) => self.rendered_matches(scratch, format_args!("{i}")),
+            WireValue::Double(d) => self.rendered_matches(scratch, format_args!("{d}")),
             _ => false,
-        }
+        })
     }
 
     fn rendered_matches(&self, scratch: &mut String, value: fmt::Arguments<'_>) -> bool {
@@ -314,10 +311,15 @@ impl AttributeCriterion {
 /// Whether every criterion matches; true when there are none.
 fn all_match(
     criteria: &[AttributeCriterion],
-    attributes: &[KeyValue],
+    attributes: Attributes<'_>,
     scratch: &mut String,
-) -> bool {
-    criteria.iter().all(|c| c.matches(attributes, scratch))
+) -> Result<bool, WireError> {
+    for criterion in criteria {
+        if !criterion.matches(attributes, scratch)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// A compiled `include` or `exclude` block.
@@ -386,6 +388,7 @@ enum MetricVerdict<'a> {
 }
 
 /// The data point criteria left to check on each point of one metric.
+#[derive(Clone, Copy)]
 struct PointRule<'a> {
     /// Must all match (include); empty when include has none.
     require: &'a [AttributeCriterion],
@@ -394,33 +397,55 @@ struct PointRule<'a> {
 }
 
 impl PointRule<'_> {
-    fn keep(&self, attributes: &[KeyValue], scratch: &mut String) -> bool {
-        all_match(self.require, attributes, scratch)
-            && !self
-                .reject
-                .is_some_and(|reject| all_match(reject, attributes, scratch))
+    fn keep(&self, attributes: Attributes<'_>, scratch: &mut String) -> Result<bool, WireError> {
+        if !all_match(self.require, attributes, scratch)? {
+            return Ok(false);
+        }
+        match self.reject {
+            Some(reject) => Ok(!all_match(reject, attributes, scratch)?),
+            None => Ok(true),
+        }
     }
 }
 
 impl Filter {
     /// `None` drops the resource with everything in it; `Some(exclude_live)` keeps it and
     /// says whether `exclude` still applies to its metrics (its resource criteria matched).
-    fn resource_verdict(&self, resource: Option<&Resource>, scratch: &mut String) -> Option<bool> {
-        let attributes = resource.map_or(&[][..], |r| &r.attributes[..]);
+    /// `all_match` says whether the resource's attributes match every criterion given.
+    fn resource_verdict<E>(
+        &self,
+        mut all_match: impl FnMut(&[AttributeCriterion]) -> Result<bool, E>,
+    ) -> Result<Option<bool>, E> {
         if let Some(include) = &self.include {
-            if !all_match(&include.resource_attributes, attributes, scratch) {
-                return None;
+            if !all_match(&include.resource_attributes)? {
+                return Ok(None);
             }
         }
         let Some(exclude) = &self.exclude else {
-            return Some(false);
+            return Ok(Some(false));
         };
-        let exclude_live = all_match(&exclude.resource_attributes, attributes, scratch);
+        let exclude_live = all_match(&exclude.resource_attributes)?;
         if exclude_live && exclude.metric_names.is_none() && exclude.datapoint_attributes.is_empty()
         {
-            return None;
+            return Ok(None);
         }
-        Some(exclude_live)
+        Ok(Some(exclude_live))
+    }
+
+    /// Whether [`Filter::metric_verdict`] depends on the metric name.
+    fn reads_metric_names(&self, exclude_live: bool) -> bool {
+        let names = |c: &Option<Criteria>| c.as_ref().is_some_and(|c| c.metric_names.is_some());
+        names(&self.include) || (exclude_live && names(&self.exclude))
+    }
+
+    /// Whether anything under a resource the filter keeps can be dropped: if not, the
+    /// resource is passed on whole, as received.
+    fn descends(&self, exclude_live: bool) -> bool {
+        self.reads_metric_names(exclude_live)
+            || !matches!(
+                self.metric_verdict(exclude_live, ""),
+                MetricVerdict::KeepAll
+            )
     }
 
     fn metric_verdict(&self, exclude_live: bool, name: &str) -> MetricVerdict<'_> {
@@ -446,73 +471,80 @@ impl Filter {
             MetricVerdict::PerPoint(PointRule { require, reject })
         }
     }
+}
 
-    /// Filters `request` in place and prunes what became empty.
-    fn apply(&self, request: &mut ExportMetricsServiceRequest, scratch: &mut String) {
-        request.resource_metrics.retain_mut(|rm| {
-            let Some(exclude_live) = self.resource_verdict(rm.resource.as_ref(), scratch) else {
-                return false;
-            };
-            for sm in &mut rm.scope_metrics {
-                sm.metrics.retain_mut(|metric| {
-                    match self.metric_verdict(exclude_live, &metric.name) {
-                        MetricVerdict::Drop => false,
-                        MetricVerdict::KeepAll => true,
-                        MetricVerdict::PerPoint(rule) => {
-                            if let Some(data) = &mut metric.data {
-                                retain_points(data, |attributes| rule.keep(attributes, scratch));
-                            }
-                            true
-                        }
-                    }
-                });
-            }
-            true
-        });
-        prune_empty(request);
-    }
+/// The filter as the wire-level rewrite asks for it.
+struct FilterEdit<'a> {
+    filter: &'a Filter,
+    scratch: &'a mut String,
+}
 
-    /// Whether [`Filter::apply`] would drop anything from `request`; stops at the first drop.
-    fn drops_any(&self, request: &ExportMetricsServiceRequest, scratch: &mut String) -> bool {
-        request.resource_metrics.iter().any(|rm| {
-            let Some(exclude_live) = self.resource_verdict(rm.resource.as_ref(), scratch) else {
-                return true;
-            };
-            rm.scope_metrics
-                .iter()
-                .flat_map(|sm| &sm.metrics)
-                .any(
-                    |metric| match self.metric_verdict(exclude_live, &metric.name) {
-                        MetricVerdict::Drop => true,
-                        MetricVerdict::KeepAll => false,
-                        MetricVerdict::PerPoint(rule) => metric.data.as_ref().is_some_and(|data| {
-                            any_point(data, |attributes| !rule.keep(attributes, scratch))
-                        }),
-                    },
-                )
+impl<'a> Edit for FilterEdit<'a> {
+    /// Whether `exclude` still applies to the resource's metrics.
+    type Resource = bool;
+    type Point = PointRule<'a>;
+
+    const PRUNE: bool = true;
+
+    fn resource(&mut self, resource: Option<&[u8]>) -> Result<ResourceEdit<bool>, WireError> {
+        let attributes = Attributes::of_resource(resource.unwrap_or_default());
+        let scratch = &mut *self.scratch;
+        let verdict = self
+            .filter
+            .resource_verdict(|criteria| all_match(criteria, attributes, scratch))?;
+        Ok(match verdict {
+            None => ResourceEdit::Drop,
+            Some(exclude_live) => ResourceEdit::Keep(exclude_live),
         })
     }
-}
 
-/// Keeps the data points, of whatever type, whose attributes satisfy `keep`.
-fn retain_points(data: &mut Data, mut keep: impl FnMut(&[KeyValue]) -> bool) {
-    match data {
-        Data::Gauge(g) => g.data_points.retain(|p| keep(&p.attributes)),
-        Data::Sum(s) => s.data_points.retain(|p| keep(&p.attributes)),
-        Data::Histogram(h) => h.data_points.retain(|p| keep(&p.attributes)),
-        Data::ExponentialHistogram(h) => h.data_points.retain(|p| keep(&p.attributes)),
-        Data::Summary(s) => s.data_points.retain(|p| keep(&p.attributes)),
+    fn write_resource(&mut self, _: Option<&[u8]>, _: &mut Vec<u8>) -> Result<(), WireError> {
+        // Never asked for: the filter keeps or drops resources, it does not change them.
+        Ok(())
     }
-}
 
-/// Whether any data point's attributes satisfy `pred`.
-fn any_point(data: &Data, mut pred: impl FnMut(&[KeyValue]) -> bool) -> bool {
-    match data {
-        Data::Gauge(g) => g.data_points.iter().any(|p| pred(&p.attributes)),
-        Data::Sum(s) => s.data_points.iter().any(|p| pred(&p.attributes)),
-        Data::Histogram(h) => h.data_points.iter().any(|p| pred(&p.attributes)),
-        Data::ExponentialHistogram(h) => h.data_points.iter().any(|p| pred(&p.attributes)),
-        Data::Summary(s) => s.data_points.iter().any(|p| pred(&p.attributes)),
+    fn descends(&self, exclude_live: bool) -> bool {
+        self.filter.descends(exclude_live)
+    }
+
+    fn reads_metric_names(&self, exclude_live: bool) -> bool {
+        self.filter.reads_metric_names(exclude_live)
+    }
+
+    fn metric(&mut self, exclude_live: bool, name: &str) -> MetricEdit<PointRule<'a>> {
+        match self.filter.metric_verdict(exclude_live, name) {
+            MetricVerdict::Drop => MetricEdit::Drop,
+            MetricVerdict::KeepAll => MetricEdit::KeepAll,
+            MetricVerdict::PerPoint(rule) => MetricEdit::PerPoint(rule),
+        }
+    }
+
+    fn point(
+        &mut self,
+        rule: PointRule<'a>,
+        attributes: Attributes<'_>,
+    ) -> Result<PointEdit, WireError> {
+        Ok(if rule.keep(attributes, self.scratch)? {
+            PointEdit::Keep
+        } else {
+            PointEdit::Drop
+        })
+    }
+
+    fn keep_attribute(&mut self, _: bool, _: KeyValueRef<'_>) -> Result<bool, WireError> {
+        // Never asked for: the filter does not change attributes.
+        Ok(true)
+    }
+
+    fn write_point(
+        &mut self,
+        _: PointRule<'a>,
+        _: &[u8],
+        _: u32,
+        _: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        // Never asked for: points are kept or dropped whole.
+        Ok(())
     }
 }
 
@@ -523,6 +555,11 @@ pub struct FilterConfig {
 }
 
 impl ProcessorConfig for FilterConfig {
+    /// The filter reads the wire, so receivers need not decode for it.
+    fn reads_decoded(&self) -> bool {
+        false
+    }
+
     fn build(&self, _id: &ComponentId) -> Box<dyn Processor> {
         Box::new(FilterProcessor {
             filter: Arc::clone(&self.filter),
@@ -539,19 +576,135 @@ struct FilterProcessor {
 
 impl Processor for FilterProcessor {
     fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError> {
-        if let Payload::Shared(batch) = &input {
-            // Copying a shared batch is only worth it if something is dropped.
-            if !self.filter.drops_any(batch.decoded()?, &mut self.scratch) {
-                out.push(input);
-                return Ok(());
-            }
-        }
-        let mut request = input.into_request()?;
-        self.filter.apply(&mut request, &mut self.scratch);
-        if !request.resource_metrics.is_empty() {
-            out.push(Payload::Decoded(request));
+        let mut edit = FilterEdit {
+            filter: &self.filter,
+            scratch: &mut self.scratch,
+        };
+        let output = rewrite::rewrite_payload(input, &mut edit)?;
+        // Nothing left is nothing to send.
+        if output.resources > 0 {
+            out.push(output.payload);
         }
         Ok(())
+    }
+}
+
+/// The filter as it was written on decoded requests, kept as the reference the wire-level
+/// filter is checked against.
+#[cfg(test)]
+mod oracle {
+    use std::convert::Infallible;
+
+    use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+
+    use super::{AttributeCriterion, Filter, MetricVerdict, PointRule};
+    use crate::otlp::{prune_empty, ExportMetricsServiceRequest};
+
+    fn matches(
+        criterion: &AttributeCriterion,
+        attributes: &[KeyValue],
+        scratch: &mut String,
+    ) -> bool {
+        let value = attributes
+            .iter()
+            .find(|kv| kv.key == criterion.key)
+            .and_then(|kv| kv.value.as_ref())
+            .and_then(|v| v.value.as_ref());
+        match value {
+            Some(any_value::Value::StringValue(s)) => criterion.values.is_match(s),
+            Some(any_value::Value::BoolValue(b)) => {
+                criterion.values.is_match(if *b { "true" } else { "false" })
+            }
+            Some(any_value::Value::IntValue(i)) => {
+                criterion.rendered_matches(scratch, format_args!("{i}"))
+            }
+            Some(any_value::Value::DoubleValue(d)) => {
+                criterion.rendered_matches(scratch, format_args!("{d}"))
+            }
+            _ => false,
+        }
+    }
+
+    fn all_match(
+        criteria: &[AttributeCriterion],
+        attributes: &[KeyValue],
+        scratch: &mut String,
+    ) -> bool {
+        criteria.iter().all(|c| matches(c, attributes, scratch))
+    }
+
+    fn keep(rule: &PointRule<'_>, attributes: &[KeyValue], scratch: &mut String) -> bool {
+        all_match(rule.require, attributes, scratch)
+            && !rule
+                .reject
+                .is_some_and(|reject| all_match(reject, attributes, scratch))
+    }
+
+    /// Filters `request` in place and prunes what became empty.
+    ///
+    /// One change from the struct filter: a resource nothing under which can be dropped
+    /// ([`Filter::descends`]) is kept as received, where the struct filter pruned any empty
+    /// scope or metric in it when it changed something else in the request (and kept them
+    /// when it changed nothing).
+    pub fn apply(filter: &Filter, request: &mut ExportMetricsServiceRequest) {
+        let mut scratch = String::new();
+        let scratch = &mut scratch;
+        let mut whole = Vec::new();
+        request.resource_metrics.retain_mut(|rm| {
+            let attributes = rm.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
+            let verdict = filter.resource_verdict(|criteria| {
+                Ok::<_, Infallible>(all_match(criteria, attributes, scratch))
+            });
+            let Ok(Some(exclude_live)) = verdict else {
+                return false;
+            };
+            whole.push(!filter.descends(exclude_live));
+            for sm in &mut rm.scope_metrics {
+                sm.metrics.retain_mut(|metric| {
+                    match filter.metric_verdict(exclude_live, &metric.name) {
+                        MetricVerdict::Drop => false,
+                        MetricVerdict::KeepAll => true,
+                        MetricVerdict::PerPoint(rule) => {
+                            if let Some(data) = &mut metric.data {
+                                retain_points(data, |attributes| keep(&rule, attributes, scratch));
+                            }
+                            true
+                        }
+                    }
+                });
+            }
+            true
+        });
+        // Pruned one resource at a time, to leave those kept whole as they are.
+        let mut whole = whole.into_iter();
+        request.resource_metrics.retain_mut(|rm| {
+            if whole.next().unwrap_or(false) {
+                return true;
+            }
+            let mut one = ExportMetricsServiceRequest {
+                resource_metrics: vec![std::mem::take(rm)],
+            };
+            prune_empty(&mut one);
+            match one.resource_metrics.pop() {
+                Some(pruned) => {
+                    *rm = pruned;
+                    true
+                }
+                None => false,
+            }
+        });
+    }
+
+    /// Keeps the data points, of whatever type, whose attributes satisfy `keep`.
+    fn retain_points(data: &mut Data, mut keep: impl FnMut(&[KeyValue]) -> bool) {
+        match data {
+            Data::Gauge(g) => g.data_points.retain(|p| keep(&p.attributes)),
+            Data::Sum(s) => s.data_points.retain(|p| keep(&p.attributes)),
+            Data::Histogram(h) => h.data_points.retain(|p| keep(&p.attributes)),
+            Data::ExponentialHistogram(h) => h.data_points.retain(|p| keep(&p.attributes)),
+            Data::Summary(s) => s.data_points.retain(|p| keep(&p.attributes)),
+        }
     }
 }
 
@@ -563,9 +716,10 @@ mod tests {
         all_types, gauge_metric, int_attr, number_point, request, resource_metrics, string_attr,
         sum_metric,
     };
-    use crate::otlp::Batch;
+    use crate::otlp::{Batch, ExportMetricsServiceRequest};
     use crate::processor::test_util::{parse_issues, run};
-    use opentelemetry_proto::tonic::common::v1::AnyValue;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 
     /// Runs one request through a filter built from `yaml`; `None` if it dropped everything.
     fn filter(
@@ -1085,6 +1239,34 @@ exclude:
     }
 
     #[test]
+    fn resources_nothing_below_can_be_dropped_from_are_passed_on_whole() {
+        // proc-1 carries an empty scope and a metric without points.
+        let mut request = request(3, 1, 2);
+        let rm = &mut request.resource_metrics[1];
+        let mut empty = rm.scope_metrics[0].clone();
+        empty.metrics.clear();
+        rm.scope_metrics.push(empty);
+        rm.scope_metrics[0]
+            .metrics
+            .push(gauge_metric("no points", vec![]));
+
+        // Resource criteria only: proc-1 is kept as received, empty parts and all.
+        let yaml = "exclude: {resource_attributes: {process.executable.name: [proc-0]}}";
+        let out = run("filter", yaml, vec![Payload::Decoded(request.clone())]);
+        assert_eq!(out[0].data_points(), 4);
+        let out = out[0].clone().into_request().unwrap();
+        let mut expected = request.clone();
+        expected.resource_metrics.remove(0);
+        assert_eq!(out, expected);
+
+        // A data point criterion reaches into every resource: empty parts go.
+        let yaml = "exclude: {datapoint_attributes: {state: [s9]}}";
+        let out = filter(yaml, request.clone()).unwrap();
+        assert_eq!(out.resource_metrics[1].scope_metrics.len(), 1);
+        assert_eq!(metric_names(&out), ["process.metric.0"; 3]);
+    }
+
+    #[test]
     fn emits_nothing_when_everything_is_dropped() {
         let out = run(
             "filter/none",
@@ -1133,7 +1315,7 @@ exclude:
             vec![Payload::Shared(Arc::clone(&batch))],
         );
         assert_eq!(out.len(), 1);
-        assert!(matches!(out[0], Payload::Decoded(_)));
+        assert!(matches!(out[0], Payload::Encoded { .. }));
         assert_eq!(out[0].data_points(), 4);
         assert_eq!(batch.decoded().unwrap(), &request(2, 2, 2));
     }
@@ -1167,7 +1349,7 @@ exclude:
         };
         assert!(matches!(
             processor.process(garbage, &mut out),
-            Err(ProcessError::Decode(_))
+            Err(ProcessError::Wire(_))
         ));
         assert!(out.is_empty());
     }
@@ -1272,5 +1454,142 @@ exclude:
 "#
         )
         .is_empty());
+    }
+
+    fn random_patterns(rng: &mut rand::rngs::StdRng, pool: &[&str]) -> serde_json::Value {
+        use rand::seq::IndexedRandom;
+        use rand::Rng;
+        (0..rng.random_range(1..3))
+            .map(|_| serde_json::Value::from(*pool.choose(rng).unwrap()))
+            .collect()
+    }
+
+    /// A random `include` or `exclude` block with a non-empty random set of criteria drawn
+    /// from what random requests hold.
+    fn random_block(rng: &mut rand::rngs::StdRng) -> serde_json::Value {
+        use crate::otlp::rewrite::tests::{KEYS, NAMES, STRINGS};
+        use rand::seq::IndexedRandom;
+        use rand::Rng;
+        let names: Vec<&str> = NAMES
+            .iter()
+            .copied()
+            .chain([
+                "cpu.*",
+                "*",
+                "m?m.rss",
+                "regex:^cpu",
+                "regex:rss$",
+                "regex:^$",
+            ])
+            .collect();
+        let values: Vec<&str> = STRINGS
+            .iter()
+            .copied()
+            .chain([
+                "-12",
+                "1234",
+                "0.5",
+                "2",
+                "inf",
+                "false",
+                "s*",
+                "node-?",
+                "regex:^node",
+                "regex:1",
+                "*",
+            ])
+            .collect();
+        let mut block = serde_json::Map::new();
+        while block.is_empty() {
+            if rng.random_ratio(1, 2) {
+                block.insert("metric_names".into(), random_patterns(rng, &names));
+            }
+            for criterion in ["resource_attributes", "datapoint_attributes"] {
+                if rng.random_ratio(1, 2) {
+                    let mut keys = serde_json::Map::new();
+                    for _ in 0..rng.random_range(1..3) {
+                        let key = KEYS.choose(rng).unwrap().to_string();
+                        keys.insert(key, random_patterns(rng, &values));
+                    }
+                    block.insert(criterion.into(), keys.into());
+                }
+            }
+        }
+        serde_json::Value::Object(block)
+    }
+
+    /// A random filter config: include, exclude or both. JSON is YAML.
+    fn random_config(rng: &mut rand::rngs::StdRng) -> String {
+        use rand::Rng;
+        let mut config = serde_json::Map::new();
+        // Include blocks ANDing several random criteria keep little: exclude-only configs
+        // are drawn more often, so that as many requests change as are emptied.
+        let which = rng.random_range(0..4);
+        if which == 0 || which == 3 {
+            config.insert("include".into(), random_block(rng));
+        }
+        if which != 0 {
+            config.insert("exclude".into(), random_block(rng));
+        }
+        serde_json::Value::Object(config).to_string()
+    }
+
+    /// The wire-level filter gives what the struct-level filter it replaced gives, on random
+    /// requests and configs, whatever form the payload comes in.
+    #[test]
+    fn wire_filter_equals_the_struct_filter() {
+        use crate::otlp::rewrite::tests::{random_request, shared};
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4649_4c54);
+        let mut changed = 0;
+        let mut emptied = 0;
+        for round in 0..6000 {
+            let yaml = random_config(&mut rng);
+            let raw: RawFilterConfig = serde_yaml::from_str(&yaml).unwrap();
+            let mut issues = Vec::new();
+            let reference = Filter {
+                include: raw
+                    .include
+                    .as_ref()
+                    .and_then(|c| Criteria::compile(c, "include", &mut issues)),
+                exclude: raw
+                    .exclude
+                    .as_ref()
+                    .and_then(|c| Criteria::compile(c, "exclude", &mut issues)),
+            };
+            assert!(issues.is_empty(), "{yaml}: {issues:?}");
+            let request = random_request(&mut rng);
+            let mut expected = request.clone();
+            oracle::apply(&reference, &mut expected);
+
+            let input = match round % 3 {
+                0 => shared(&request),
+                1 => Payload::Encoded {
+                    bytes: bytes::Bytes::from(prost::Message::encode_to_vec(&request)),
+                    data_points: crate::otlp::data_points(&request),
+                },
+                _ => Payload::Decoded(request.clone()),
+            };
+            let mut out = run("filter", &yaml, vec![input]);
+            assert!(out.len() <= 1);
+            match out.pop() {
+                None => {
+                    assert!(expected.resource_metrics.is_empty(), "{yaml}\n{request:?}");
+                    emptied += 1;
+                }
+                Some(payload) => {
+                    let points = payload.data_points();
+                    let got = payload.into_request().unwrap();
+                    assert_eq!(got, expected, "{yaml}\n{request:?}");
+                    assert_eq!(points, crate::otlp::data_points(&got));
+                    changed += usize::from(got != request);
+                }
+            }
+        }
+        // The random configs do exercise the filter.
+        assert!(
+            changed > 500 && emptied > 500,
+            "{changed} changed, {emptied} emptied"
+        );
     }
 }

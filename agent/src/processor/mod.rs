@@ -52,6 +52,8 @@ pub trait Processor: Send {
 pub enum ProcessError {
     #[error("batch is not a decodable OTLP metrics request: {0}")]
     Decode(#[from] prost::DecodeError),
+    #[error("batch is not a well-formed OTLP metrics request: {0}")]
+    Wire(#[from] crate::otlp::wire::WireError),
 }
 
 /// How a processor type is known to the config: its type name and its parser.
