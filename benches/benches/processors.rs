@@ -1,6 +1,7 @@
 //! Each processor of the default agent config alone, on the same realistic request: as it
-//! arrives from the receiver (a shared, still encoded batch, so the cost includes decoding
-//! and the copy on write) and already decoded (the processor's own logic only).
+//! arrives from the receiver (a shared, encoded batch: the usual case) and as a decoded
+//! request left by an earlier struct processor (for `filter` and `attributes`, which rewrite
+//! bytes, that includes one encode).
 
 // The inputs are built by the bench itself; a failure is a bug worth a panic.
 #![allow(clippy::expect_used)]
