@@ -187,11 +187,13 @@ pub struct PipelineSpec {
     #[serde(default)]
     pub shadow: bool,
     /// Batches the pipeline's input queue holds before it pushes back or, if shadow, drops.
+    /// A full queue holds this many received requests in memory (64 × a 770 KB request is
+    /// about 50 MB).
     #[serde(default = "default_queue_size")]
     pub queue_size: usize,
 }
 
-pub const DEFAULT_PIPELINE_QUEUE_SIZE: usize = 256;
+pub const DEFAULT_PIPELINE_QUEUE_SIZE: usize = 64;
 
 fn default_queue_size() -> usize {
     DEFAULT_PIPELINE_QUEUE_SIZE
