@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use prost::Message;
 
-use super::wire::WireError;
+use super::wire::{read_varint, WireError};
 use super::Payload;
 
 pub const WT_VARINT: u8 = 0;
@@ -220,31 +220,6 @@ fn read_scalar(buf: &mut &[u8], number: u32, wire_type: u8) -> Result<u64, WireE
             wire_type,
         }),
     }
-}
-
-#[inline]
-fn read_varint(buf: &mut &[u8]) -> Result<u64, WireError> {
-    // Tags and most lengths fit one byte.
-    if let Some((&byte, rest)) = buf.split_first() {
-        if byte < 0x80 {
-            *buf = rest;
-            return Ok(u64::from(byte));
-        }
-    }
-    read_varint_slow(buf)
-}
-
-fn read_varint_slow(buf: &mut &[u8]) -> Result<u64, WireError> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = buf.split_first().ok_or(WireError::Truncated("varint"))?;
-        *buf = rest;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte < 0x80 {
-            return Ok(value);
-        }
-    }
-    Err(WireError::BadVarint)
 }
 
 #[inline]

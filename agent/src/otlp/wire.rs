@@ -48,7 +48,20 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn read_varint(buf: &mut &[u8]) -> Result<u64, WireError> {
+/// Reads one varint, advancing `buf`.
+#[inline]
+pub(crate) fn read_varint(buf: &mut &[u8]) -> Result<u64, WireError> {
+    // Tags and most lengths fit one byte.
+    if let Some((&byte, rest)) = buf.split_first() {
+        if byte < 0x80 {
+            *buf = rest;
+            return Ok(u64::from(byte));
+        }
+    }
+    read_varint_slow(buf)
+}
+
+fn read_varint_slow(buf: &mut &[u8]) -> Result<u64, WireError> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
         let (&byte, rest) = buf.split_first().ok_or(WireError::Truncated("varint"))?;
