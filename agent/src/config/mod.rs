@@ -507,11 +507,6 @@ pub fn find_factory<'a, F>(
         })
 }
 
-/// Parses a duration such as `10s`, `1m30s` or `500ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,10 +157,6 @@ impl Pipelines {
         self.routes.get(receiver)
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.running.keys().map(String::as_str)
-    }
-
     /// Builds the pipelines of `config`, keeping whatever of `previous` is unchanged.
     /// New runners and exporters are spawned on `tracker`, which shutdown waits on.
     pub fn build(
