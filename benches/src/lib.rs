@@ -32,9 +32,6 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 
-/// gRPC path of OTLP metrics export.
-pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
-
 /// Data points one process contributes to a scrape.
 pub const POINTS_PER_PROCESS: usize = 9;
 

@@ -20,15 +20,13 @@ use super::{
     ExporterFactory, QueueSettings, RetrySettings,
 };
 use crate::config::{self, ComponentId, Issue};
-use crate::otlp::codec::RawClientCodec;
+use crate::otlp::codec::{RawClientCodec, METRICS_EXPORT_PATH};
 use crate::otlp::ExportMetricsServiceResponse;
 
 pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "otlp",
     parse,
 };
-
-pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -149,7 +147,7 @@ impl Exporter for OtlpExporter {
             let response = client
                 .unary(
                     request,
-                    PathAndQuery::from_static(EXPORT_PATH),
+                    PathAndQuery::from_static(METRICS_EXPORT_PATH),
                     RawClientCodec::<ExportMetricsServiceResponse>::default(),
                 )
                 .await

@@ -3,10 +3,17 @@
 //! tonic's prost codec would decode every request into structs; Phoenix forwards most data
 //! untouched, so receiver and exporter both speak bytes and decode only on demand.
 
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
 use bytes::{Buf, BufMut, Bytes};
+use futures_util::future::BoxFuture;
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::server::NamedService;
 use tonic::Status;
+
+use super::ExportMetricsServiceResponse;
 
 /// Server side: decodes to raw bytes, encodes a prost response.
 #[derive(Debug, Clone, Copy, Default)]
@@ -93,5 +100,77 @@ impl<Resp: Message + Default + Send + 'static> Codec for RawClientCodec<Resp> {
     }
     fn decoder(&mut self) -> Self::Decoder {
         ProstDecoder(std::marker::PhantomData)
+    }
+}
+
+/// gRPC service name of OTLP metrics.
+pub const METRICS_SERVICE: &str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+/// gRPC path of OTLP metrics export.
+pub const METRICS_EXPORT_PATH: &str =
+    "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+/// Answers one OTLP metrics export whose request is kept as bytes.
+pub trait ExportHandler: Clone + Send + Sync + 'static {
+    /// Largest request accepted after decompression; read per call, so it may change while
+    /// the server runs.
+    fn max_message_size(&self) -> usize;
+
+    fn export(
+        &self,
+        request: Bytes,
+    ) -> BoxFuture<'static, Result<ExportMetricsServiceResponse, Status>>;
+}
+
+/// `MetricsService/Export` over gRPC, gzip accepted, the request handed to `H` as bytes.
+#[derive(Clone)]
+pub struct RawMetricsServer<H>(pub H);
+
+impl<H: ExportHandler> NamedService for RawMetricsServer<H> {
+    const NAME: &'static str = METRICS_SERVICE;
+}
+
+struct ExportCall<H>(H);
+
+impl<H: ExportHandler> tonic::server::UnaryService<Bytes> for ExportCall<H> {
+    type Response = ExportMetricsServiceResponse;
+    type Future = BoxFuture<'static, Result<tonic::Response<Self::Response>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let reply = self.0.export(request.into_inner());
+        Box::pin(async move { reply.await.map(tonic::Response::new) })
+    }
+}
+
+impl<H, B> tower::Service<http::Request<B>> for RawMetricsServer<H>
+where
+    H: ExportHandler,
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != METRICS_EXPORT_PATH {
+            let path = request.uri().path().to_string();
+            return Box::pin(async move {
+                Ok(Status::unimplemented(format!("unknown method {path}")).into_http())
+            });
+        }
+        let max = self.0.max_message_size();
+        let call = ExportCall(self.0.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(
+                RawRequestCodec::<ExportMetricsServiceResponse>::default(),
+            )
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max);
+            Ok(grpc.unary(call, request).await)
+        })
     }
 }

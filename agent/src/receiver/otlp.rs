@@ -26,12 +26,11 @@ use prost::Message;
 use serde::Deserialize;
 use serde_yaml::Value;
 use tokio::sync::watch;
-use tonic::codec::CompressionEncoding;
 use tonic::server::NamedService;
 
 use super::{BoundReceiver, ReceiverConfig, ReceiverContext, ReceiverFactory, RunningReceiver};
 use crate::config::{self, Issue};
-use crate::otlp::codec::RawRequestCodec;
+use crate::otlp::codec::{ExportHandler, RawMetricsServer};
 use crate::otlp::{self, wire, Batch, ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use crate::pipeline::DispatchError;
 use crate::telemetry;
@@ -440,7 +439,7 @@ impl BoundReceiver for BoundOtlp {
             tasks.push(tokio::spawn(async move {
                 let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
                 let served = tonic::transport::Server::builder()
-                    .add_service(service)
+                    .add_service(RawMetricsServer(service))
                     .add_service(Unsupported::<TracesName>::default())
                     .add_service(Unsupported::<LogsName>::default())
                     .serve_with_incoming_shutdown(incoming, async move {
@@ -519,67 +518,28 @@ impl RunningReceiver for RunningOtlp {
 
 // ---- gRPC ----
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
-
 #[derive(Clone)]
 struct GrpcService {
     inner: Arc<Inner>,
     metrics: Arc<TransportMetrics>,
 }
 
-impl NamedService for GrpcService {
-    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
-}
+impl ExportHandler for GrpcService {
+    fn max_message_size(&self) -> usize {
+        self.inner.limits.load().max_grpc_message
+    }
 
-#[derive(Clone)]
-struct ExportCall(GrpcService);
-
-impl tonic::server::UnaryService<Bytes> for ExportCall {
-    type Response = ExportMetricsServiceResponse;
-    type Future = BoxFuture<'static, Result<tonic::Response<Self::Response>, tonic::Status>>;
-
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let service = self.0.clone();
+    fn export(
+        &self,
+        request: Bytes,
+    ) -> BoxFuture<'static, Result<ExportMetricsServiceResponse, tonic::Status>> {
+        let service = self.clone();
         Box::pin(async move {
             service
                 .inner
-                .accept(request.into_inner(), &service.metrics)
+                .accept(request, &service.metrics)
                 .await
-                .map(tonic::Response::new)
                 .map_err(|refusal| refusal.grpc_status())
-        })
-    }
-}
-
-impl<B> tower::Service<http::Request<B>> for GrpcService
-where
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != EXPORT_PATH {
-            let path = request.uri().path().to_string();
-            return Box::pin(async move {
-                Ok(tonic::Status::unimplemented(format!("unknown method {path}")).into_http())
-            });
-        }
-        let max = self.inner.limits.load().max_grpc_message;
-        let call = ExportCall(self.clone());
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(
-                RawRequestCodec::<ExportMetricsServiceResponse>::default(),
-            )
-            .accept_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(max);
-            Ok(grpc.unary(call, request).await)
         })
     }
 }

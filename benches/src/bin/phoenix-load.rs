@@ -14,8 +14,9 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Parser, ValueEnum};
 use http::uri::PathAndQuery;
 use phoenix_agent::otlp::codec::RawClientCodec;
+use phoenix_agent::otlp::codec::METRICS_EXPORT_PATH;
 use phoenix_agent::otlp::ExportMetricsServiceResponse;
-use phoenix_bench::{EncodedRequest, ProcessWorkload, EXPORT_PATH};
+use phoenix_bench::{EncodedRequest, ProcessWorkload};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -173,7 +174,7 @@ async fn send_one(
     grpc_request.set_timeout(timeout);
     let call = client.unary(
         grpc_request,
-        PathAndQuery::from_static(EXPORT_PATH),
+        PathAndQuery::from_static(METRICS_EXPORT_PATH),
         RawClientCodec::<ExportMetricsServiceResponse>::default(),
     );
     let response = tokio::time::timeout(timeout, call)

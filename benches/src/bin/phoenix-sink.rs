@@ -6,25 +6,20 @@
 //! requests carelessly produces. Totals are printed as JSON on SIGTERM or SIGINT, and written
 //! to `--report` periodically and at exit.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::Parser;
-use phoenix_agent::otlp::codec::RawRequestCodec;
+use futures_util::future::BoxFuture;
+use phoenix_agent::otlp::codec::{ExportHandler, RawMetricsServer};
 use phoenix_agent::otlp::ExportMetricsServiceResponse;
-use phoenix_bench::{SinkCounts, EXPORT_PATH};
+use phoenix_bench::SinkCounts;
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
-use tonic::codec::CompressionEncoding;
-use tonic::server::NamedService;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,71 +88,32 @@ struct Sink {
     max_message: usize,
 }
 
-impl NamedService for Sink {
-    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
-}
+impl ExportHandler for Sink {
+    fn max_message_size(&self) -> usize {
+        self.max_message
+    }
 
-#[derive(Clone)]
-struct ExportCall(Shared);
-
-impl tonic::server::UnaryService<Bytes> for ExportCall {
-    type Response = ExportMetricsServiceResponse;
-    type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
-
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let bytes = request.into_inner();
+    fn export(
+        &self,
+        bytes: Bytes,
+    ) -> BoxFuture<'static, Result<ExportMetricsServiceResponse, tonic::Status>> {
         let result = match SinkCounts::of(&bytes) {
             Ok(counts) => {
-                record(&self.0, |t| {
+                record(&self.totals, |t| {
                     t.requests += 1;
                     t.bytes += bytes.len() as u64;
                     t.counts.add(&counts);
                 });
-                Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+                Ok(ExportMetricsServiceResponse::default())
             }
             Err(err) => {
-                record(&self.0, |t| t.malformed_requests += 1);
+                record(&self.totals, |t| t.malformed_requests += 1);
                 Err(tonic::Status::invalid_argument(format!(
                     "not an OTLP metrics request: {err}"
                 )))
             }
         };
-        std::future::ready(result)
-    }
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-
-impl<B> tower::Service<http::Request<B>> for Sink
-where
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path() != EXPORT_PATH {
-            let path = request.uri().path().to_string();
-            return Box::pin(async move {
-                Ok(tonic::Status::unimplemented(format!("unknown method {path}")).into_http())
-            });
-        }
-        let call = ExportCall(self.totals.clone());
-        let max = self.max_message;
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(
-                RawRequestCodec::<ExportMetricsServiceResponse>::default(),
-            )
-            .accept_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(max);
-            Ok(grpc.unary(call, request).await)
-        })
+        Box::pin(std::future::ready(result))
     }
 }
 
@@ -182,7 +138,7 @@ async fn run(args: Args) -> Result<()> {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(sink)
+            .add_service(RawMetricsServer(sink))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async move {
