@@ -9,7 +9,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use phoenix_agent::otlp::testdata;
@@ -41,16 +41,6 @@ pipelines:
     shadow: true
 telemetry: { listen: "{TELEMETRY}" }
 "#;
-
-/// A child process killed and reaped when dropped, whatever the test's outcome.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The Prometheus binary; panics (the test fails) when there is none.
 fn prometheus_binary() -> String {

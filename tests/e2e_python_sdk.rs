@@ -10,7 +10,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
@@ -91,16 +91,6 @@ fn python() -> String {
             String::from_utf8_lossy(&out.stderr)
         ),
         Ok(_) => python,
-    }
-}
-
-/// A child process killed and reaped when dropped, whatever the test's outcome.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -28,6 +28,17 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
+/// A child process (a peer such as Prometheus or a Python client) killed and reaped when
+/// dropped, whatever the test's outcome.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running agent whose stderr goes to `log` in its temp dir.
 pub struct Agent {
     pub child: Child,
