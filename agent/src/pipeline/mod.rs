@@ -17,7 +17,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AgentConfig, ComponentId, PipelineSpec};
+use crate::config::{AgentConfig, Component, ComponentId, PipelineSpec};
 use crate::exporter::ExporterHandle;
 use crate::otlp::Batch;
 use crate::telemetry;
@@ -245,27 +245,23 @@ impl Pipelines {
 }
 
 fn fingerprint(config: &AgentConfig, spec: &PipelineSpec) -> Fingerprint {
-    let lookup = |ids: &[String], raw_of: &dyn Fn(&str) -> Option<(ComponentId, Value)>| {
-        ids.iter().filter_map(|id| raw_of(id)).collect::<Vec<_>>()
-    };
     Fingerprint {
-        processors: lookup(&spec.processors, &|id| {
-            config
-                .processors
-                .iter()
-                .find(|(k, _)| k.as_str() == id)
-                .map(|(k, c)| (k.clone(), c.raw.clone()))
-        }),
-        exporters: lookup(&spec.exporters, &|id| {
-            config
-                .exporters
-                .iter()
-                .find(|(k, _)| k.as_str() == id)
-                .map(|(k, c)| (k.clone(), c.raw.clone()))
-        }),
+        processors: raw_configs(&config.processors, &spec.processors),
+        exporters: raw_configs(&config.exporters, &spec.exporters),
         shadow: spec.shadow,
         queue_size: spec.queue_size,
     }
+}
+
+/// The ids and raw configs of the components a pipeline lists, in its order.
+fn raw_configs<C: ?Sized>(
+    defined: &IndexMap<ComponentId, Component<C>>,
+    ids: &[String],
+) -> Vec<(ComponentId, Value)> {
+    ids.iter()
+        .filter_map(|id| defined.iter().find(|(k, _)| k.as_str() == id))
+        .map(|(k, c)| (k.clone(), c.raw.clone()))
+        .collect()
 }
 
 fn start_pipeline(
