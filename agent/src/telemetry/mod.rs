@@ -37,7 +37,7 @@ metric_defs! {
     RECEIVER_ACCEPTED = "phoenix_receiver_accepted_datapoints_total", Counter, Count, ["receiver", "transport"],
         "Data points accepted by a receiver and handed to its pipelines.";
     RECEIVER_REFUSED = "phoenix_receiver_refused_datapoints_total", Counter, Count, ["receiver", "transport", "reason"],
-        "Data points refused by a receiver (reason: malformed, too_large, unsupported, pipelines_full, invalid).";
+        "Data points refused by a receiver (reason: malformed, pipelines_full, invalid). Requests refused before their points can be counted (too large, wrong content type) count only in phoenix_receiver_requests_total{outcome=\"refused\"}.";
     RECEIVER_REQUESTS = "phoenix_receiver_requests_total", Counter, Count, ["receiver", "transport", "outcome"],
         "Export requests handled by a receiver, by outcome (accepted, refused).";
     PIPELINE_INCOMING = "phoenix_pipeline_incoming_datapoints_total", Counter, Count, ["pipeline"],
@@ -63,7 +63,7 @@ metric_defs! {
     EXPORTER_SENT = "phoenix_exporter_sent_datapoints_total", Counter, Count, ["exporter"],
         "Data points an exporter delivered.";
     EXPORTER_SEND_FAILED = "phoenix_exporter_send_failed_datapoints_total", Counter, Count, ["exporter", "reason"],
-        "Data points an exporter gave up on (reason: permanent, retries_exhausted, shutdown).";
+        "Data points an exporter gave up on (reason: permanent, retries_exhausted).";
     EXPORTER_ENQUEUE_FAILED = "phoenix_exporter_enqueue_failed_datapoints_total", Counter, Count, ["exporter"],
         "Data points dropped because an exporter's sending queue was full (shadow pipelines only; others wait).";
     EXPORTER_RETRIES = "phoenix_exporter_retries_total", Counter, Count, ["exporter"],
