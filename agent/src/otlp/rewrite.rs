@@ -1767,25 +1767,30 @@ pub(crate) mod tests {
         });
         let mut point_keep = Vec::new();
         put_len_field(&mut point_keep, 99, b"point");
+        // The same request around two gauge bodies: with the dropped point and without.
+        let request = |gauge: &[u8]| {
+            let mut metric = Vec::new();
+            put_len_field(&mut metric, 99, b"metric");
+            put_len_field(&mut metric, METRIC_GAUGE, gauge);
+            put_len_field(&mut metric, METRIC_NAME, b"m");
+            let mut scope = Vec::new();
+            put_len_field(&mut scope, SCOPE_METRICS_METRICS, &metric);
+            put_len_field(&mut scope, 99, b"scope");
+            let mut rm = Vec::new();
+            put_len_field(&mut rm, RESOURCE_METRICS_SCOPE_METRICS, &scope);
+            put_tag(&mut rm, 98, WT_VARINT);
+            put_varint(&mut rm, 300);
+            let mut request = Vec::new();
+            put_len_field(&mut request, REQUEST_RESOURCE_METRICS, &rm);
+            put_tag(&mut request, 97, WT_I64);
+            request.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+            request
+        };
         let mut gauge = Vec::new();
         put_len_field(&mut gauge, DATA_POINTS, &point_drop);
         put_len_field(&mut gauge, 99, b"gauge");
         put_len_field(&mut gauge, DATA_POINTS, &point_keep);
-        let mut metric = Vec::new();
-        put_len_field(&mut metric, 99, b"metric");
-        put_len_field(&mut metric, METRIC_GAUGE, &gauge);
-        put_len_field(&mut metric, METRIC_NAME, b"m");
-        let mut scope = Vec::new();
-        put_len_field(&mut scope, SCOPE_METRICS_METRICS, &metric);
-        put_len_field(&mut scope, 99, b"scope");
-        let mut rm = Vec::new();
-        put_len_field(&mut rm, RESOURCE_METRICS_SCOPE_METRICS, &scope);
-        put_tag(&mut rm, 98, WT_VARINT);
-        put_varint(&mut rm, 300);
-        let mut input = Vec::new();
-        put_len_field(&mut input, REQUEST_RESOURCE_METRICS, &rm);
-        put_tag(&mut input, 97, WT_I64);
-        input.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let input = request(&gauge);
 
         let result = rewrite(&input, 2, &mut Dropper).unwrap();
         let out = result.bytes.unwrap();
@@ -1794,22 +1799,7 @@ pub(crate) mod tests {
         let mut gauge = Vec::new();
         put_len_field(&mut gauge, 99, b"gauge");
         put_len_field(&mut gauge, DATA_POINTS, &point_keep);
-        let mut metric = Vec::new();
-        put_len_field(&mut metric, 99, b"metric");
-        put_len_field(&mut metric, METRIC_GAUGE, &gauge);
-        put_len_field(&mut metric, METRIC_NAME, b"m");
-        let mut scope = Vec::new();
-        put_len_field(&mut scope, SCOPE_METRICS_METRICS, &metric);
-        put_len_field(&mut scope, 99, b"scope");
-        let mut rm = Vec::new();
-        put_len_field(&mut rm, RESOURCE_METRICS_SCOPE_METRICS, &scope);
-        put_tag(&mut rm, 98, WT_VARINT);
-        put_varint(&mut rm, 300);
-        let mut expected = Vec::new();
-        put_len_field(&mut expected, REQUEST_RESOURCE_METRICS, &rm);
-        put_tag(&mut expected, 97, WT_I64);
-        expected.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(out, expected);
+        assert_eq!(out, request(&gauge));
     }
 
     #[test]
@@ -1917,15 +1907,7 @@ pub(crate) mod tests {
             if bytes.is_empty() {
                 continue;
             }
-            for _ in 0..rng.random_range(1..4) {
-                let at = rng.random_range(0..bytes.len());
-                match rng.random_range(0..4) {
-                    0 => bytes[at] ^= 1 << rng.random_range(0..8),
-                    1 => bytes[at] = rng.random(),
-                    2 => bytes.truncate(at.max(1)),
-                    _ => bytes.insert(at, rng.random()),
-                }
-            }
+            testdata::corrupt(&mut bytes, &mut rng);
             if let Ok(Some(out)) = rewrite(&bytes, 12, &mut Dropper).map(|r| r.bytes) {
                 ok += 1;
                 assert!(rewrite(&out, 12, &mut Dropper).is_ok());

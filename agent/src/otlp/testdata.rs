@@ -176,3 +176,21 @@ pub fn all_types() -> ExportMetricsServiceRequest {
         )],
     }
 }
+
+/// Applies one to three random corruptions (bit flip, byte overwrite, truncation,
+/// insertion) to a non-empty encoded message: the input of the no-panic tests that stand in
+/// for a fuzzer.
+pub fn corrupt(bytes: &mut Vec<u8>, rng: &mut impl rand::Rng) {
+    for _ in 0..rng.random_range(1..4) {
+        if bytes.is_empty() {
+            return;
+        }
+        let at = rng.random_range(0..bytes.len());
+        match rng.random_range(0..4) {
+            0 => bytes[at] ^= 1 << rng.random_range(0..8),
+            1 => bytes[at] = rng.random(),
+            2 => bytes.truncate(at.max(1)),
+            _ => bytes.insert(at, rng.random()),
+        }
+    }
+}

@@ -373,7 +373,7 @@ mod tests {
 
     #[test]
     fn corrupted_requests_never_panic() {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5048_4f45);
         let seeds = [
             testdata::request(3, 2, 2).encode_to_vec(),
@@ -383,15 +383,7 @@ mod tests {
         let mut accepted = 0;
         for round in 0..20_000 {
             let mut bytes = seeds[round % seeds.len()].clone();
-            for _ in 0..rng.random_range(1..4) {
-                let at = rng.random_range(0..bytes.len());
-                match rng.random_range(0..4) {
-                    0 => bytes[at] ^= 1 << rng.random_range(0..8),
-                    1 => bytes[at] = rng.random(),
-                    2 => bytes.truncate(at.max(1)),
-                    _ => bytes.insert(at, rng.random()),
-                }
-            }
+            testdata::corrupt(&mut bytes, &mut rng);
             if count(&bytes).is_ok() {
                 accepted += 1;
                 crate::stats::for_each_series(&state, &bytes, |_| {}).unwrap();
