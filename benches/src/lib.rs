@@ -624,7 +624,7 @@ pub fn build_processor(id: &str, yaml: &str) -> Result<Box<dyn Processor>> {
                 .join("; ")
         )
     })?;
-    Ok(config.build(&id))
+    Ok(processor::state::standalone(config.as_ref(), "bench", &id))
 }
 
 /// One pipeline without its queue and exporters: the processors in order, then the volume

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{AgentConfig, Component, ComponentId, PipelineSpec};
 use crate::exporter::ExporterHandle;
 use crate::otlp::Batch;
+use crate::processor::{BuildContext, StateRegistry};
 use crate::telemetry;
 
 /// How long a receiver waits for room in a full pipeline before refusing the request.
@@ -140,6 +141,7 @@ pub struct Pipelines {
     routes: HashMap<String, Route>,
     running: IndexMap<String, Arc<RunningPipeline>>,
     exporters: HashMap<ComponentId, (Value, Arc<ExporterHandle>)>,
+    states: StateRegistry,
 }
 
 impl Pipelines {
@@ -150,6 +152,7 @@ impl Pipelines {
             routes: HashMap::new(),
             running: IndexMap::new(),
             exporters: HashMap::new(),
+            states: StateRegistry::default(),
         }
     }
 
@@ -202,6 +205,8 @@ impl Pipelines {
         }
 
         let mut running = IndexMap::new();
+        let mut states = StateRegistry::default();
+        let previous_states = previous.map(|p| &p.states);
         for (name, spec) in &config.pipelines {
             let fingerprint = fingerprint(&config, spec);
             let kept = previous
@@ -209,8 +214,16 @@ impl Pipelines {
                 .filter(|r| r.fingerprint == fingerprint)
                 .cloned();
             let pipeline = match kept {
-                Some(pipeline) => pipeline,
-                None => start_pipeline(name, spec, &config, &exporters, fingerprint, tracker),
+                Some(pipeline) => {
+                    if let Some(previous_states) = previous_states {
+                        states.keep_pipeline(previous_states, name);
+                    }
+                    pipeline
+                }
+                None => {
+                    let stages = build_stages(name, spec, &config, previous_states, &mut states);
+                    start_pipeline(name, spec, stages, &exporters, fingerprint, tracker)
+                }
             };
             running.insert(name.clone(), pipeline);
         }
@@ -240,6 +253,7 @@ impl Pipelines {
             routes,
             running,
             exporters,
+            states,
         })
     }
 }
@@ -264,10 +278,29 @@ fn raw_configs<C: ?Sized>(
         .collect()
 }
 
-fn start_pipeline(
+/// The processors of a pipeline being (re)started, each with its state carried over from
+/// `previous` where its config is unchanged.
+fn build_stages(
     name: &str,
     spec: &PipelineSpec,
     config: &AgentConfig,
+    previous: Option<&StateRegistry>,
+    states: &mut StateRegistry,
+) -> Vec<runner::Stage> {
+    spec.processors
+        .iter()
+        .filter_map(|p| config.processors.iter().find(|(id, _)| id.as_str() == p))
+        .map(|(id, c)| {
+            let mut context = BuildContext::new(name, id, &c.raw, previous, states);
+            runner::Stage::new(name, id, c.config.build(&mut context))
+        })
+        .collect()
+}
+
+fn start_pipeline(
+    name: &str,
+    spec: &PipelineSpec,
+    stages: Vec<runner::Stage>,
     exporters: &HashMap<ComponentId, (Value, Arc<ExporterHandle>)>,
     fingerprint: Fingerprint,
     tracker: &TaskTracker,
@@ -284,12 +317,6 @@ fn start_pipeline(
         dropped_queue_full: metrics::counter!(telemetry::PIPELINE_DROPPED, "pipeline" => name.to_string(), "reason" => "queue_full"),
         queue_size: metrics::gauge!(telemetry::QUEUE_SIZE, "queue" => queue_label),
     });
-    let stages = spec
-        .processors
-        .iter()
-        .filter_map(|p| config.processors.iter().find(|(id, _)| id.as_str() == p))
-        .map(|(id, c)| runner::Stage::new(name, id, c.config.build(id)))
-        .collect();
     let outputs = spec
         .exporters
         .iter()

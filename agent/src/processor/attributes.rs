@@ -17,8 +17,8 @@ use prost::Message;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::{ProcessError, Processor, ProcessorConfig, ProcessorFactory};
-use crate::config::{self, ComponentId, Issue};
+use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
+use crate::config::{self, Issue};
 use crate::otlp::rewrite::{
     self, begin_message, end_message, hash_hex, put_len_field, put_tag, put_varint, Attributes,
     Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit, Spans, Value as WireValue,
@@ -767,7 +767,7 @@ impl ProcessorConfig for AttributesConfig {
         false
     }
 
-    fn build(&self, _id: &ComponentId) -> Box<dyn Processor> {
+    fn build(&self, _context: &mut BuildContext<'_>) -> Box<dyn Processor> {
         Box::new(AttributesProcessor {
             actions: Arc::clone(&self.actions),
         })
@@ -1569,7 +1569,7 @@ actions:
         let mut changed = 0;
         for round in 0..3000 {
             let yaml = random_config(&mut rng);
-            let id = ComponentId::parse("attributes").unwrap();
+            let id = crate::config::ComponentId::parse("attributes").unwrap();
             let config = parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
             // The compiled actions, as the oracle needs them: parsed again the same way.
             let raw: RawAttributesConfig = serde_yaml::from_str(&yaml).unwrap();
@@ -1598,7 +1598,7 @@ actions:
                 },
                 _ => Payload::Decoded(request.clone()),
             };
-            let mut processor = config.build(&id);
+            let mut processor = crate::processor::state::standalone(config.as_ref(), "test", &id);
             let mut out = Vec::new();
             processor.process(input, &mut out).unwrap();
             assert_eq!(out.len(), 1);

@@ -15,8 +15,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::{ProcessError, Processor, ProcessorConfig, ProcessorFactory};
-use crate::config::{self, ComponentId, Issue};
+use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
+use crate::config::{self, Issue};
 use crate::otlp::{self, ExportMetricsServiceRequest, Payload};
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
@@ -81,7 +81,7 @@ impl ProcessorConfig for BatchConfig {
         false
     }
 
-    fn build(&self, _id: &ComponentId) -> Box<dyn Processor> {
+    fn build(&self, _context: &mut BuildContext<'_>) -> Box<dyn Processor> {
         Box::new(Batcher {
             config: self.clone(),
             pending: Vec::new(),
@@ -410,9 +410,9 @@ mod tests {
 
     #[test]
     fn deadline_follows_the_oldest_pending_point() {
-        let id = ComponentId::parse("batch").unwrap();
+        let id = crate::config::ComponentId::parse("batch").unwrap();
         let config = parse(serde_yaml::from_str("timeout: 50ms").unwrap()).unwrap();
-        let mut p = config.build(&id);
+        let mut p = crate::processor::state::standalone(config.as_ref(), "test", &id);
         assert!(p.deadline().is_none());
         let mut out = Vec::new();
         p.process(shared(testdata::request(1, 1, 1)), &mut out)

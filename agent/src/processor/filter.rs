@@ -21,8 +21,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::{ProcessError, Processor, ProcessorConfig, ProcessorFactory};
-use crate::config::{self, ComponentId, Issue};
+use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
+use crate::config::{self, Issue};
 use crate::otlp::rewrite::{
     self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit, Value as WireValue,
 };
@@ -560,7 +560,7 @@ impl ProcessorConfig for FilterConfig {
         false
     }
 
-    fn build(&self, _id: &ComponentId) -> Box<dyn Processor> {
+    fn build(&self, _context: &mut BuildContext<'_>) -> Box<dyn Processor> {
         Box::new(FilterProcessor {
             filter: Arc::clone(&self.filter),
             scratch: String::new(),
@@ -1339,9 +1339,9 @@ exclude:
 
     #[test]
     fn undecodable_payload_is_an_error() {
-        let id = ComponentId::parse("filter").unwrap();
+        let id = crate::config::ComponentId::parse("filter").unwrap();
         let config = parse(serde_yaml::from_str("exclude: {metric_names: [x]}").unwrap()).unwrap();
-        let mut processor = config.build(&id);
+        let mut processor = crate::processor::state::standalone(config.as_ref(), "test", &id);
         let mut out = Vec::new();
         let garbage = Payload::Encoded {
             bytes: bytes::Bytes::from_static(&[0xff, 0xff, 0xff]),

@@ -8,6 +8,7 @@
 pub mod attributes;
 pub mod batch;
 pub mod filter;
+pub mod state;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -18,11 +19,13 @@ use thiserror::Error;
 
 use crate::config::{self, ComponentId, Issue};
 use crate::otlp::Payload;
+pub use state::{BuildContext, SharedState, StateRegistry};
 
 /// The parsed, validated and compiled config of one processor.
 pub trait ProcessorConfig: Send + Sync + Debug {
-    /// A fresh runtime instance. Cannot fail: everything that can was checked when parsing.
-    fn build(&self, id: &ComponentId) -> Box<dyn Processor>;
+    /// A runtime instance. Cannot fail: everything that can was checked when parsing.
+    /// Stateful processors take their state from `context`, which carries it over a reload.
+    fn build(&self, context: &mut BuildContext<'_>) -> Box<dyn Processor>;
 
     /// Whether the processor reads the decoded form. Receivers decode up front for such
     /// pipelines, so a request that does not decode is refused to its sender.
@@ -83,7 +86,7 @@ pub mod test_util {
     pub fn run(kind: &str, yaml: &str, payloads: Vec<Payload>) -> Vec<Payload> {
         let id = ComponentId::parse(kind).unwrap();
         let config = parse(&id, serde_yaml::from_str(yaml).unwrap()).unwrap();
-        let mut processor = config.build(&id);
+        let mut processor = state::standalone(config.as_ref(), "test", &id);
         let mut out = Vec::new();
         for payload in payloads {
             processor.process(payload, &mut out).unwrap();

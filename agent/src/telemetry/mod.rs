@@ -60,6 +60,16 @@ metric_defs! {
         "Data points handed to a processor.";
     PROCESSOR_OUTGOING = "phoenix_processor_outgoing_datapoints_total", Counter, Count, ["pipeline", "processor"],
         "Data points a processor emitted.";
+    PROCESSOR_STATE_SERIES = "phoenix_processor_state_series", Gauge, Count, ["pipeline", "processor"],
+        "Series a stateful processor (aggregate, topk, cardinality_limit, cumulativetodelta, deltatocumulative) tracks right now.";
+    PROCESSOR_STATE_EVICTIONS = "phoenix_processor_state_evictions_total", Counter, Count, ["pipeline", "processor", "reason"],
+        "Series a stateful processor forgot (reason: stale, unseen for its staleness bound; limit, pushed out by its memory bound).";
+    PROCESSOR_UNMERGED = "phoenix_processor_unmerged_datapoints_total", Counter, Count, ["pipeline", "processor", "reason"],
+        "Data points a merging processor passed through as they were instead of merging them (reason: bucket_mismatch, summary, ...).";
+    PROCESSOR_DROPPED = "phoenix_processor_dropped_datapoints_total", Counter, Count, ["pipeline", "processor", "reason"],
+        "Data points a processor dropped as configured or because its state was full (reason: others, summary, state_full, ...).";
+    PROCESSOR_OVERFLOW = "phoenix_processor_overflow_datapoints_total", Counter, Count, ["pipeline", "processor"],
+        "Data points cardinality_limit merged into the otel.metric.overflow=true series of their metric.";
     EXPORTER_SENT = "phoenix_exporter_sent_datapoints_total", Counter, Count, ["exporter"],
         "Data points an exporter delivered.";
     EXPORTER_SEND_FAILED = "phoenix_exporter_send_failed_datapoints_total", Counter, Count, ["exporter", "reason"],
