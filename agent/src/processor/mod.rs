@@ -8,6 +8,7 @@
 pub mod attributes;
 pub mod batch;
 pub mod filter;
+pub mod pattern;
 pub mod state;
 
 use std::fmt::Debug;

@@ -1,0 +1,155 @@
+//! Value patterns shared by the processors: exact strings, globs and `regex:` expressions,
+//! compiled once when the config is parsed.
+//!
+//! A plain string matches exactly; a string holding a glob metacharacter (`*`, `?` or `[`) is
+//! a glob over the whole value; `regex:` followed by a regular expression matches wherever the
+//! expression matches, so anchor it (`regex:^system\\.`) to match a prefix.
+
+use std::fmt;
+
+use ahash::AHashSet;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use regex::Regex;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::config::Issue;
+
+/// The prefix that makes a pattern a regular expression.
+pub const REGEX_PREFIX: &str = "regex:";
+
+/// A pattern as written. YAML numbers and booleans are accepted as their text, so
+/// `process.pid: [1234]` needs no quotes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternText(pub String);
+
+impl<'de> Deserialize<'de> for PatternText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PatternVisitor;
+
+        impl Visitor<'_> for PatternVisitor {
+            type Value = PatternText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a pattern: a string, number or boolean")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_string<E: de::Error>(self, v: String) -> Result<PatternText, E> {
+                Ok(PatternText(v))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<PatternText, E> {
+                Ok(PatternText(v.to_string()))
+            }
+        }
+
+        deserializer.deserialize_any(PatternVisitor)
+    }
+}
+
+/// Compiled patterns: a value matches when any one of them does.
+#[derive(Debug)]
+pub struct Matcher {
+    exact: Exact,
+    globs: Option<GlobSet>,
+    regexes: Vec<Regex>,
+}
+
+/// Exact patterns: a short list is scanned, a long one hashed.
+#[derive(Debug)]
+enum Exact {
+    Few(Vec<String>),
+    Many(AHashSet<String>),
+}
+
+/// From this many exact patterns on, they are looked up in a hash set.
+const EXACT_SET_MIN: usize = 8;
+
+impl Matcher {
+    /// Compiles the patterns listed at `path`, reporting every bad one.
+    pub fn compile(patterns: &[PatternText], path: &str, issues: &mut Vec<Issue>) -> Option<Self> {
+        if patterns.is_empty() {
+            issues.push(Issue::new(path, "must list at least one pattern"));
+            return None;
+        }
+        let issues_before = issues.len();
+        let mut exact = Vec::new();
+        let mut globs = GlobSetBuilder::new();
+        let mut glob_count = 0;
+        let mut regexes = Vec::new();
+        for (i, PatternText(pattern)) in patterns.iter().enumerate() {
+            if let Some(regex) = pattern.strip_prefix(REGEX_PREFIX) {
+                match Regex::new(regex) {
+                    Ok(regex) => regexes.push(regex),
+                    Err(err) => issues.push(Issue::new(
+                        format!("{path}[{i}]"),
+                        format!("invalid regex {regex:?}: {err}"),
+                    )),
+                }
+            } else if pattern.contains(['*', '?', '[']) {
+                match Glob::new(pattern) {
+                    Ok(glob) => {
+                        globs.add(glob);
+                        glob_count += 1;
+                    }
+                    Err(err) => issues.push(Issue::new(
+                        format!("{path}[{i}]"),
+                        format!("invalid glob {pattern:?}: {err}"),
+                    )),
+                }
+            } else {
+                exact.push(pattern.clone());
+            }
+        }
+        let globs = if glob_count == 0 {
+            None
+        } else {
+            match globs.build() {
+                Ok(set) => Some(set),
+                Err(err) => {
+                    issues.push(Issue::new(path, format!("invalid globs: {err}")));
+                    None
+                }
+            }
+        };
+        if issues.len() > issues_before {
+            return None;
+        }
+        let exact = if exact.len() >= EXACT_SET_MIN {
+            Exact::Many(exact.into_iter().collect())
+        } else {
+            Exact::Few(exact)
+        };
+        Some(Self {
+            exact,
+            globs,
+            regexes,
+        })
+    }
+
+    pub fn is_match(&self, value: &str) -> bool {
+        let exact = match &self.exact {
+            Exact::Few(list) => list.iter().any(|e| e == value),
+            Exact::Many(set) => set.contains(value),
+        };
+        exact
+            || self.globs.as_ref().is_some_and(|g| g.is_match(value))
+            || self.regexes.iter().any(|r| r.is_match(value))
+    }
+}
