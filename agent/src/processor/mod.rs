@@ -7,6 +7,7 @@
 
 pub mod attributes;
 pub mod batch;
+pub mod classify;
 pub mod filter;
 pub mod pattern;
 pub mod state;
@@ -71,7 +72,12 @@ pub struct ProcessorFactory {
 }
 
 /// Every processor type, in the order the reference docs list them.
-pub const FACTORIES: &[ProcessorFactory] = &[filter::FACTORY, attributes::FACTORY, batch::FACTORY];
+pub const FACTORIES: &[ProcessorFactory] = &[
+    filter::FACTORY,
+    attributes::FACTORY,
+    batch::FACTORY,
+    classify::FACTORY,
+];
 
 /// Parses the config of processor `id` with the factory its type names.
 pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {

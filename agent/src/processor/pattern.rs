@@ -153,3 +153,23 @@ impl Matcher {
             || self.regexes.iter().any(|r| r.is_match(value))
     }
 }
+
+/// The text a pattern is matched against for a decoded attribute value: strings as they are,
+/// integers, doubles and booleans as written (`1234`, `0.5`, `true`); other values have none.
+pub fn value_text<'a>(
+    value: Option<&'a opentelemetry_proto::tonic::common::v1::AnyValue>,
+    scratch: &'a mut String,
+) -> Option<&'a str> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use std::fmt::Write as _;
+    scratch.clear();
+    // Writing to a String cannot fail.
+    let _ = match value?.value.as_ref()? {
+        Value::StringValue(s) => return Some(s),
+        Value::BoolValue(b) => return Some(if *b { "true" } else { "false" }),
+        Value::IntValue(i) => write!(scratch, "{i}"),
+        Value::DoubleValue(d) => write!(scratch, "{d}"),
+        _ => return None,
+    };
+    Some(scratch)
+}

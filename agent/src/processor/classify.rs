@@ -1,0 +1,411 @@
+//! `classify`: ordered rules that set one attribute (e.g. `phoenix.priority`) from the values
+//! of others, so that filters, top-k and aggregation can protect a class of processes by one
+//! name instead of repeating the same patterns in each.
+//!
+//! The first rule whose patterns all match decides the value; `default` applies when none
+//! does. Rules see resource attributes (`on: resource`, the default: process identity lives
+//! there) or each data point's attributes with its resource's as fallback (`on: datapoint`).
+
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::pattern::{value_text, Matcher, PatternText};
+use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
+use crate::config::{self, Issue};
+use crate::otlp::Payload;
+
+pub const FACTORY: ProcessorFactory = ProcessorFactory {
+    type_name: "classify",
+    parse,
+};
+
+/// Config of the `classify` processor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClassifyConfig {
+    /// The attribute the matching rule sets (overwriting any value it had).
+    attribute: String,
+    /// Tried in order; the first whose patterns all match sets the attribute.
+    rules: Vec<RawRule>,
+    /// The value when no rule matches; without it the attribute is left as it is.
+    #[serde(default)]
+    default: Option<PatternText>,
+    /// Whose attributes the rules read and which ones get the attribute.
+    #[serde(default)]
+    on: Target,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    /// Attribute key to pattern(s); all keys must match, a key with several patterns
+    /// matches when any of them does.
+    #[serde(rename = "match")]
+    matches: IndexMap<String, OneOrMany>,
+    value: PatternText,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a pattern or a list of patterns")]
+enum OneOrMany {
+    One(PatternText),
+    Many(Vec<PatternText>),
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Target {
+    #[default]
+    Resource,
+    Datapoint,
+}
+
+#[derive(Debug)]
+struct Rule {
+    criteria: Vec<(String, Matcher)>,
+    value: String,
+}
+
+#[derive(Debug)]
+struct ClassifyConfig {
+    attribute: String,
+    rules: Vec<Rule>,
+    default: Option<String>,
+    on: Target,
+}
+
+fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
+    let raw: RawClassifyConfig = config::deserialize(value).map_err(|i| vec![i])?;
+    let mut issues = Vec::new();
+    if raw.attribute.is_empty() {
+        issues.push(Issue::new("attribute", "must not be empty"));
+    }
+    if raw.rules.is_empty() {
+        issues.push(Issue::new("rules", "must list at least one rule"));
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in raw.rules.iter().enumerate() {
+        let path = format!("rules[{i}].match");
+        if rule.matches.is_empty() {
+            issues.push(Issue::new(&path, "must name at least one attribute"));
+        }
+        let mut criteria = Vec::new();
+        for (key, patterns) in &rule.matches {
+            let patterns = match patterns {
+                OneOrMany::One(p) => std::slice::from_ref(p),
+                OneOrMany::Many(list) => list.as_slice(),
+            };
+            if let Some(matcher) = Matcher::compile(patterns, &format!("{path}.{key}"), &mut issues)
+            {
+                criteria.push((key.clone(), matcher));
+            }
+        }
+        rules.push(Rule {
+            criteria,
+            value: rule.value.0.clone(),
+        });
+    }
+    if !issues.is_empty() {
+        return Err(issues);
+    }
+    Ok(Arc::new(Shared(Arc::new(ClassifyConfig {
+        attribute: raw.attribute,
+        rules,
+        default: raw.default.map(|d| d.0),
+        on: raw.on,
+    }))))
+}
+
+impl ProcessorConfig for Shared {
+    fn build(&self, _context: &mut BuildContext<'_>) -> Box<dyn Processor> {
+        Box::new(Classifier {
+            config: Arc::clone(&self.0),
+            scratch: String::new(),
+        })
+    }
+}
+
+/// The compiled config, shared by every instance built from it.
+#[derive(Debug)]
+struct Shared(Arc<ClassifyConfig>);
+
+struct Classifier {
+    config: Arc<ClassifyConfig>,
+    scratch: String,
+}
+
+fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+}
+
+impl ClassifyConfig {
+    /// The value for attributes `primary`, falling back to `fallback` for absent keys.
+    fn classify(
+        &self,
+        primary: &[KeyValue],
+        fallback: &[KeyValue],
+        scratch: &mut String,
+    ) -> Option<&str> {
+        let rule = self.rules.iter().find(|rule| {
+            rule.criteria.iter().all(|(key, matcher)| {
+                let value = find(primary, key).or_else(|| find(fallback, key));
+                value_text(value, scratch).is_some_and(|text| matcher.is_match(text))
+            })
+        });
+        rule.map(|r| r.value.as_str()).or(self.default.as_deref())
+    }
+}
+
+fn upsert(attributes: &mut Vec<KeyValue>, key: &str, value: &str) {
+    let value = Some(AnyValue {
+        value: Some(any_value::Value::StringValue(value.to_string())),
+    });
+    match attributes.iter_mut().find(|kv| kv.key == key) {
+        Some(kv) => kv.value = value,
+        None => attributes.push(KeyValue {
+            key: key.to_string(),
+            value,
+            ..Default::default()
+        }),
+    }
+}
+
+fn point_attributes(data: &mut Data) -> Vec<&mut Vec<KeyValue>> {
+    match data {
+        Data::Gauge(g) => g
+            .data_points
+            .iter_mut()
+            .map(|p| &mut p.attributes)
+            .collect(),
+        Data::Sum(s) => s
+            .data_points
+            .iter_mut()
+            .map(|p| &mut p.attributes)
+            .collect(),
+        Data::Histogram(h) => h
+            .data_points
+            .iter_mut()
+            .map(|p| &mut p.attributes)
+            .collect(),
+        Data::ExponentialHistogram(h) => h
+            .data_points
+            .iter_mut()
+            .map(|p| &mut p.attributes)
+            .collect(),
+        Data::Summary(s) => s
+            .data_points
+            .iter_mut()
+            .map(|p| &mut p.attributes)
+            .collect(),
+    }
+}
+
+impl Processor for Classifier {
+    fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError> {
+        let mut request = input.into_request()?;
+        let config = &self.config;
+        for rm in &mut request.resource_metrics {
+            let resource = rm.resource.get_or_insert_with(Default::default);
+            match config.on {
+                Target::Resource => {
+                    if let Some(value) =
+                        config.classify(&resource.attributes, &[], &mut self.scratch)
+                    {
+                        let value = value.to_string();
+                        upsert(&mut resource.attributes, &config.attribute, &value);
+                    }
+                }
+                Target::Datapoint => {
+                    let resource_attributes = &resource.attributes;
+                    for sm in &mut rm.scope_metrics {
+                        for metric in &mut sm.metrics {
+                            let Some(data) = metric.data.as_mut() else {
+                                continue;
+                            };
+                            for attributes in point_attributes(data) {
+                                if let Some(value) = config.classify(
+                                    attributes,
+                                    resource_attributes,
+                                    &mut self.scratch,
+                                ) {
+                                    let value = value.to_string();
+                                    upsert(attributes, &config.attribute, &value);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out.push(Payload::Decoded(request));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otlp::testdata::{
+        gauge_metric, int_attr, number_point, resource_metrics, string_attr,
+    };
+    use crate::otlp::ExportMetricsServiceRequest;
+    use crate::processor::test_util::{parse_issues, run};
+
+    const PRIORITY: &str = r#"
+attribute: phoenix.priority
+rules:
+  - { match: { process.executable.name: "regex:^(kubelet|containerd|postgres|nginx)$" }, value: critical }
+  - { match: { process.executable.name: "java*", process.owner: [app, svc] }, value: high }
+  - { match: { process.pid: 1 }, value: init }
+default: normal
+"#;
+
+    fn process(name: &str, owner: &str, pid: i64) -> Vec<KeyValue> {
+        vec![
+            string_attr("process.executable.name", name),
+            string_attr("process.owner", owner),
+            int_attr("process.pid", pid),
+        ]
+    }
+
+    fn request(resources: Vec<Vec<KeyValue>>) -> Payload {
+        Payload::Decoded(ExportMetricsServiceRequest {
+            resource_metrics: resources
+                .into_iter()
+                .map(|attrs| {
+                    resource_metrics(
+                        attrs,
+                        vec![gauge_metric(
+                            "process.threads",
+                            vec![number_point(vec![string_attr("state", "running")], 1.0)],
+                        )],
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    fn resource_values(out: Vec<Payload>, key: &str) -> Vec<Option<String>> {
+        let request = out.into_iter().next().unwrap().into_request().unwrap();
+        request
+            .resource_metrics
+            .iter()
+            .map(|rm| {
+                let attrs = &rm.resource.as_ref().unwrap().attributes;
+                let mut scratch = String::new();
+                value_text(find(attrs, key), &mut scratch).map(str::to_string)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_first_matching_rule_wins_and_default_covers_the_rest() {
+        let out = run(
+            "classify/priority",
+            PRIORITY,
+            vec![request(vec![
+                process("kubelet", "root", 812),
+                process("java-app", "app", 4000),
+                process("java-app", "root", 4001), // owner does not match: not high
+                process("postgres", "app", 1),     // critical comes before init
+                process("systemd", "root", 1),
+                process("bash", "me", 777),
+            ])],
+        );
+        let values: Vec<_> = resource_values(out, "phoenix.priority")
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        assert_eq!(
+            values,
+            ["critical", "high", "normal", "critical", "init", "normal"]
+        );
+    }
+
+    #[test]
+    fn without_default_unmatched_resources_are_left_alone_and_existing_values_are_overwritten() {
+        let yaml =
+            "attribute: tier\nrules: [{ match: { process.executable.name: nginx }, value: edge }]";
+        let mut nginx = process("nginx", "www", 10);
+        nginx.push(string_attr("tier", "old"));
+        let out = run(
+            "classify",
+            yaml,
+            vec![request(vec![nginx, process("bash", "me", 2)])],
+        );
+        assert_eq!(
+            resource_values(out, "tier"),
+            [Some("edge".to_string()), None]
+        );
+    }
+
+    #[test]
+    fn on_datapoint_reads_point_attributes_then_the_resource() {
+        let yaml = r#"
+attribute: phoenix.class
+on: datapoint
+rules:
+  - { match: { state: running, process.executable.name: nginx }, value: busy-edge }
+  - { match: { state: running }, value: busy }
+"#;
+        let out = run(
+            "classify",
+            yaml,
+            vec![request(vec![
+                process("nginx", "www", 10),
+                process("bash", "me", 2),
+            ])],
+        );
+        let request = out.into_iter().next().unwrap().into_request().unwrap();
+        let classes: Vec<String> = request
+            .resource_metrics
+            .iter()
+            .map(|rm| {
+                assert!(find(&rm.resource.as_ref().unwrap().attributes, "phoenix.class").is_none());
+                let Some(Data::Gauge(g)) = &rm.scope_metrics[0].metrics[0].data else {
+                    panic!("gauge expected")
+                };
+                let mut scratch = String::new();
+                value_text(
+                    find(&g.data_points[0].attributes, "phoenix.class"),
+                    &mut scratch,
+                )
+                .unwrap()
+                .to_string()
+            })
+            .collect();
+        assert_eq!(classes, ["busy-edge", "busy"]);
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let issues = parse_issues(
+            "classify",
+            "attribute: p\nrules: [{ match: { a: \"regex:(\" }, value: x }, { match: {}, value: y }]",
+        );
+        let paths: Vec<_> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["rules[0].match.a[0]", "rules[1].match"],
+            "{issues:?}"
+        );
+        let issues = parse_issues("classify", "attribute: p\nrules: []\nbogus: 1");
+        assert!(issues[0].to_string().contains("bogus"), "{issues:?}");
+        let issues = parse_issues("classify", "attribute: ''\nrules: []");
+        let paths: Vec<_> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["attribute", "rules"]);
+        let issues = parse_issues(
+            "classify",
+            "attribute: p\non: everywhere\nrules: [{ match: { a: b }, value: c }]",
+        );
+        assert!(issues[0].path.starts_with("on"), "{issues:?}");
+    }
+}
