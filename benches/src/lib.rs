@@ -591,6 +591,8 @@ fn scrape_process(host: &str, slot: usize, p: &Process, round: u64) -> ResourceM
 // ---- processors and pipelines, as the agent runs them ----
 
 /// Processor configs of the default agent config (`configs/agent.yaml`), used by the benches.
+pub mod strategies;
+
 pub mod configs {
     /// `filter/no-kernel-threads`.
     pub const FILTER: &str = r#"
