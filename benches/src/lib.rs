@@ -1,4 +1,4 @@
-//! Workloads and helpers shared by `phoenix-load`, `phoenix-sink` and the criterion benches, so
+//! Workloads and helpers shared by `phoenix-loadsim`, `phoenix-sink` and the criterion benches, so
 //! that every benchmark measures the same data.
 //!
 //! The `process` workload is what the OpenTelemetry Collector's hostmetrics `process` scraper
@@ -113,14 +113,29 @@ impl ProcessWorkload {
         processes: usize,
         hosts_per_request: usize,
     ) -> Result<Self> {
+        Self::with_churn(seed, hosts, processes, hosts_per_request, DEFAULT_CHURN)
+    }
+
+    /// As [`ProcessWorkload::new`], with `churn` the share (0 to 1) of the long tail that is
+    /// short-lived: replaced by a new process (a new PID) every 1 to 30 scrapes.
+    pub fn with_churn(
+        seed: u64,
+        hosts: usize,
+        processes: usize,
+        hosts_per_request: usize,
+        churn: f64,
+    ) -> Result<Self> {
         if hosts == 0 || processes == 0 || hosts_per_request == 0 {
             return Err(anyhow!(
                 "hosts, processes and hosts per request must all be at least 1"
             ));
         }
+        if !(0.0..=1.0).contains(&churn) {
+            return Err(anyhow!("churn must be between 0 and 1, not {churn}"));
+        }
         let mut rng = StdRng::seed_from_u64(seed);
         let hosts = (0..hosts)
-            .map(|h| build_host(&mut rng, h, processes))
+            .map(|h| build_host(&mut rng, h, processes, churn))
             .collect();
         Ok(Self {
             hosts,
@@ -178,7 +193,7 @@ pub fn encode(request: &ExportMetricsServiceRequest) -> EncodedRequest {
 pub fn process_request(seed: u64, min_points: usize) -> ExportMetricsServiceRequest {
     let processes = min_points.div_ceil(POINTS_PER_PROCESS).max(1);
     let mut rng = StdRng::seed_from_u64(seed);
-    let host = build_host(&mut rng, 0, processes);
+    let host = build_host(&mut rng, 0, processes, DEFAULT_CHURN);
     ExportMetricsServiceRequest {
         resource_metrics: host
             .processes
@@ -265,6 +280,8 @@ const TAIL: &[Program] = &[
 
 /// Share of each host's processes that are kernel threads.
 const KERNEL_SHARE: f64 = 0.35;
+/// Share of the long tail that is short-lived, by default.
+pub const DEFAULT_CHURN: f64 = 0.5;
 
 fn fill(template: &str, rng: &mut StdRng) -> String {
     let mut out = template.to_string();
@@ -287,7 +304,7 @@ fn fill(template: &str, rng: &mut StdRng) -> String {
     out
 }
 
-fn build_host(rng: &mut StdRng, index: usize, processes: usize) -> Host {
+fn build_host(rng: &mut StdRng, index: usize, processes: usize, churn: f64) -> Host {
     let name = format!(
         "ip-10-0-{}-{}.eu-west-1.compute.internal",
         index / 250,
@@ -350,8 +367,8 @@ fn build_host(rng: &mut StdRng, index: usize, processes: usize) -> Host {
     for _ in 0..tail {
         let p = TAIL.choose(rng).unwrap_or(&TAIL[0]);
         next_pid += rng.random_range(1..500);
-        // Half the tail lives for the whole run; the rest is replaced every 1 to 30 scrapes.
-        let lifetime = rng.random_bool(0.5).then(|| rng.random_range(1..30));
+        // Part of the tail lives for the whole run; the rest is replaced every 1 to 30 scrapes.
+        let lifetime = rng.random_bool(churn).then(|| rng.random_range(1..30));
         out.push(Process {
             kind: ProcessKind::Tail,
             pid: next_pid,
@@ -591,6 +608,7 @@ fn scrape_process(host: &str, slot: usize, p: &Process, round: u64) -> ResourceM
 // ---- processors and pipelines, as the agent runs them ----
 
 /// Processor configs of the default agent config (`configs/agent.yaml`), used by the benches.
+pub mod app;
 pub mod strategies;
 
 pub mod configs {

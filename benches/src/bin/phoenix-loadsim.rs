@@ -1,12 +1,15 @@
-//! `phoenix-load`: sends a seeded, realistic OTLP metrics workload over gRPC at a fixed rate of
-//! data points per second, or as fast as the receiver takes it.
+//! `phoenix-loadsim`: sends a seeded, realistic OTLP metrics workload over gRPC or HTTP at a
+//! fixed rate of data points per second, or as fast as the receiver takes it.
 //!
-//! A pool of requests is built and encoded up front and sent as raw bytes, so the sender
-//! spends its CPU on the transport only. `UNAVAILABLE` answers count as refused requests;
-//! with `--retry-unavailable` the same request is sent again after 100 ms.
+//! A pool of requests is built and encoded (and gzipped, with `--gzip`) up front and sent as
+//! raw bytes, so the sender spends its CPU on the transport only. `UNAVAILABLE` (gRPC) and
+//! 429/503 (HTTP) answers count as refused requests; with `--retry-unavailable` the same
+//! request is sent again after 100 ms. A scenario file (`--scenario`, see `configs/loadsim/`)
+//! sets any option; options given on the command line win.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,9 @@ use http::uri::PathAndQuery;
 use phoenix_agent::otlp::codec::RawClientCodec;
 use phoenix_agent::otlp::codec::METRICS_EXPORT_PATH;
 use phoenix_agent::otlp::ExportMetricsServiceResponse;
-use phoenix_bench::{EncodedRequest, ProcessWorkload};
+use phoenix_bench::app::AppWorkload;
+use phoenix_bench::{EncodedRequest, ProcessWorkload, DEFAULT_CHURN};
+use prost::Message;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -29,28 +34,58 @@ use tonic::Code;
 enum Workload {
     /// What a hostmetrics process scraper emits: 9 data points per process.
     Process,
+    /// Services instrumented with an OpenTelemetry SDK: histograms, counters, gauges.
+    App,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Protocol {
+    /// OTLP/gRPC `MetricsService/Export`.
+    Grpc,
+    /// OTLP/HTTP `POST /v1/metrics`, protobuf.
+    Http,
 }
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "phoenix-load",
-    about = "Sends a realistic OTLP/gRPC metrics workload at a fixed rate or as fast as possible"
+    name = "phoenix-loadsim",
+    about = "Sends a realistic OTLP metrics workload at a fixed rate or as fast as possible",
+    args_override_self = true
 )]
 struct Args {
-    /// OTLP/gRPC endpoint to send to.
+    /// A scenario file (YAML): a map of these options' long names (with `-` or `_`) to
+    /// values; options given on the command line win.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Endpoint to send to: `http://127.0.0.1:4317` for gRPC, `http://127.0.0.1:4318` for
+    /// HTTP (the `/v1/metrics` path is added).
     #[arg(long, default_value = "http://127.0.0.1:4317")]
     endpoint: String,
+    #[arg(long, value_enum, default_value = "grpc")]
+    protocol: Protocol,
     #[arg(long, value_enum, default_value = "process")]
     workload: Workload,
-    /// Hosts in the simulated fleet.
+    /// `process`: hosts in the simulated fleet.
     #[arg(long, default_value_t = 20)]
     hosts: usize,
-    /// Processes per host.
+    /// `process`: processes per host.
     #[arg(long, default_value_t = 300)]
     processes: usize,
-    /// Hosts whose scrape one request carries (2 × 300 processes ≈ 5,400 data points).
+    /// `process`: hosts whose scrape one request carries (2 × 300 processes ≈ 5,400 data
+    /// points).
     #[arg(long, default_value_t = 2)]
     hosts_per_request: usize,
+    /// `process`: share (0 to 1) of the long tail of processes that is short-lived and comes
+    /// back with a new PID every 1 to 30 scrapes.
+    #[arg(long, default_value_t = DEFAULT_CHURN)]
+    churn: f64,
+    /// `app`: services in the fleet.
+    #[arg(long, default_value_t = 5)]
+    services: usize,
+    /// `app`: instances per service (about 50 series each).
+    #[arg(long, default_value_t = 2)]
+    instances: usize,
     /// Target data points per second; 0 sends as fast as the receiver answers.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
@@ -105,10 +140,16 @@ struct Tally {
 #[derive(Debug, Serialize)]
 struct Summary {
     workload: Workload,
+    protocol: Protocol,
     endpoint: String,
     hosts: usize,
     processes: usize,
     hosts_per_request: usize,
+    churn: f64,
+    services: usize,
+    instances: usize,
+    /// Distinct series in one round of the workload (one scrape of the whole fleet).
+    series_per_round: u64,
     seed: u64,
     gzip: bool,
     concurrency: usize,
@@ -156,7 +197,79 @@ enum Outcome {
     Failed,
 }
 
-async fn send_one(
+/// Where requests go.
+#[derive(Clone)]
+enum Transport {
+    Grpc {
+        channel: Channel,
+        gzip: bool,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        gzip: bool,
+    },
+}
+
+/// Why a request was not accepted: the status it got, and whether the receiver asked to come
+/// back later (gRPC `UNAVAILABLE`, HTTP 429/502/503/504).
+struct SendError {
+    code: String,
+    retryable: bool,
+}
+
+impl Transport {
+    /// Sends one request; on success, the data points the receiver rejected.
+    async fn send(&self, timeout: Duration, request: &EncodedRequest) -> Result<u64, SendError> {
+        match self {
+            Transport::Grpc { channel, gzip } => {
+                send_grpc(channel.clone(), *gzip, timeout, request)
+                    .await
+                    .map_err(|status| SendError {
+                        code: format!("{:?}", status.code()),
+                        retryable: status.code() == Code::Unavailable,
+                    })
+            }
+            Transport::Http { client, url, gzip } => {
+                let mut post = client
+                    .post(url)
+                    .timeout(timeout)
+                    .header("content-type", "application/x-protobuf")
+                    .body(request.bytes.clone());
+                if *gzip {
+                    post = post.header("content-encoding", "gzip");
+                }
+                let response = post.send().await.map_err(|e| SendError {
+                    code: if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "transport"
+                    }
+                    .to_string(),
+                    retryable: false,
+                })?;
+                let status = response.status().as_u16();
+                if status != 200 {
+                    return Err(SendError {
+                        code: format!("HTTP {status}"),
+                        retryable: matches!(status, 429 | 502 | 503 | 504),
+                    });
+                }
+                let body = response.bytes().await.map_err(|_| SendError {
+                    code: "body".to_string(),
+                    retryable: false,
+                })?;
+                let rejected = ExportMetricsServiceResponse::decode(body)
+                    .ok()
+                    .and_then(|r| r.partial_success)
+                    .map_or(0, |p| p.rejected_data_points.max(0) as u64);
+                Ok(rejected)
+            }
+        }
+    }
+}
+
+async fn send_grpc(
     channel: Channel,
     gzip: bool,
     timeout: Duration,
@@ -187,8 +300,7 @@ async fn send_one(
 }
 
 struct Sender {
-    channel: Channel,
-    gzip: bool,
+    transport: Transport,
     timeout: Duration,
     retry_unavailable: bool,
     deadline: Option<Instant>,
@@ -199,12 +311,13 @@ impl Sender {
     async fn send(self: Arc<Self>, request: EncodedRequest, _permit: OwnedSemaphorePermit) {
         let started = Instant::now();
         let outcome = loop {
-            match send_one(self.channel.clone(), self.gzip, self.timeout, &request).await {
+            match self.transport.send(self.timeout, &request).await {
                 Ok(rejected) => break Outcome::Ok { rejected },
-                Err(status) => {
-                    let code = format!("{:?}", status.code());
-                    with_tally(&self.tally, |t| *t.errors.entry(code).or_default() += 1);
-                    if status.code() != Code::Unavailable {
+                Err(error) => {
+                    with_tally(&self.tally, |t| {
+                        *t.errors.entry(error.code).or_default() += 1
+                    });
+                    if !error.retryable {
                         break Outcome::Failed;
                     }
                     let retry_at = Instant::now() + Duration::from_millis(100);
@@ -255,31 +368,63 @@ async fn run(args: &Args) -> Result<Summary> {
     if args.concurrency == 0 {
         return Err(anyhow!("--concurrency must be at least 1"));
     }
-    let Workload::Process = args.workload;
-    let workload = ProcessWorkload::new(
-        args.seed,
-        args.hosts,
-        args.processes,
-        args.hosts_per_request,
-    )
-    .context("building the workload")?;
-    let pool = workload.pool(args.pool);
+    let (mut pool, per_round) = match args.workload {
+        Workload::Process => {
+            let workload = ProcessWorkload::with_churn(
+                args.seed,
+                args.hosts,
+                args.processes,
+                args.hosts_per_request,
+                args.churn,
+            )
+            .context("building the process workload")?;
+            (workload.pool(args.pool), workload.requests_per_round())
+        }
+        Workload::App => {
+            let workload = AppWorkload::new(args.seed, args.services, args.instances, 1)
+                .context("building the app workload")?;
+            (workload.pool(args.pool), workload.requests_per_round())
+        }
+    };
     let pool_points: u64 = pool.iter().map(|r| r.data_points).sum();
     let pool_bytes: usize = pool.iter().map(|r| r.bytes.len()).sum();
+    let series = series_per_round(&pool[..per_round.min(pool.len())])?;
     eprintln!(
-        "phoenix-load: {} requests pre-encoded, {:.0} data points and {:.0} KB each on average",
+        "phoenix-loadsim: {} requests pre-encoded, {:.0} data points and {:.0} KB each on average; {series} series per round",
         pool.len(),
         pool_points as f64 / pool.len() as f64,
         pool_bytes as f64 / pool.len() as f64 / 1000.0
     );
 
-    let channel = Endpoint::from_shared(args.endpoint.clone())
-        .with_context(|| format!("invalid --endpoint {}", args.endpoint))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {}", args.endpoint))?;
+    let transport = match args.protocol {
+        Protocol::Grpc => Transport::Grpc {
+            channel: Endpoint::from_shared(args.endpoint.clone())
+                .with_context(|| format!("invalid --endpoint {}", args.endpoint))?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .with_context(|| format!("cannot connect to {}", args.endpoint))?,
+            gzip: args.gzip,
+        },
+        Protocol::Http => {
+            if args.gzip {
+                // Compressed once up front, like the encoding, so the sender stays cheap.
+                for request in &mut pool {
+                    request.bytes = gzip(&request.bytes)?;
+                }
+            }
+            Transport::Http {
+                client: reqwest::Client::builder()
+                    .tcp_nodelay(true)
+                    .connect_timeout(Duration::from_secs(5))
+                    .build()
+                    .context("building the HTTP client")?,
+                url: format!("{}/v1/metrics", args.endpoint.trim_end_matches('/')),
+                gzip: args.gzip,
+            }
+        }
+    };
 
     let tally: Shared = Arc::default();
     let start = Instant::now();
@@ -288,8 +433,7 @@ async fn run(args: &Args) -> Result<Summary> {
         None => Some(start + args.duration),
     };
     let sender = Arc::new(Sender {
-        channel,
-        gzip: args.gzip,
+        transport,
         timeout: args.timeout,
         retry_unavailable: args.retry_unavailable,
         deadline,
@@ -337,10 +481,15 @@ async fn run(args: &Args) -> Result<Summary> {
     t.latencies_us.sort_unstable();
     Ok(Summary {
         workload: args.workload,
+        protocol: args.protocol,
         endpoint: args.endpoint.clone(),
         hosts: args.hosts,
         processes: args.processes,
         hosts_per_request: args.hosts_per_request,
+        churn: args.churn,
+        services: args.services,
+        instances: args.instances,
+        series_per_round: series,
         seed: args.seed,
         gzip: args.gzip,
         concurrency: args.concurrency,
@@ -371,7 +520,7 @@ async fn run(args: &Args) -> Result<Summary> {
 
 fn print_summary(s: &Summary) {
     eprintln!(
-        "phoenix-load: {} requests in {:.2} s: {} ok, {} refused (UNAVAILABLE), {} failed, {} retries",
+        "phoenix-loadsim: {} requests in {:.2} s: {} ok, {} refused (UNAVAILABLE), {} failed, {} retries",
         s.requests, s.elapsed_s, s.requests_ok, s.requests_refused, s.requests_failed, s.retries
     );
     if !s.errors_by_code.is_empty() {
@@ -380,10 +529,10 @@ fn print_summary(s: &Summary) {
             .iter()
             .map(|(code, n)| format!("{code}={n}"))
             .collect();
-        eprintln!("phoenix-load: errors by gRPC code: {}", codes.join(", "));
+        eprintln!("phoenix-loadsim: errors by gRPC code: {}", codes.join(", "));
     }
     eprintln!(
-        "phoenix-load: {} data points, {} bytes accepted; {:.0} data points/s (target {}), {:.1} MB/s, {:.1} req/s; latency p50 {:.1} ms, p99 {:.1} ms",
+        "phoenix-loadsim: {} data points, {} bytes accepted; {:.0} data points/s (target {}), {:.1} MB/s, {:.1} req/s; latency p50 {:.1} ms, p99 {:.1} ms",
         s.data_points_ok,
         s.bytes_ok,
         s.data_points_per_s,
@@ -399,8 +548,70 @@ fn print_summary(s: &Summary) {
     );
 }
 
+/// Distinct series in `requests`, hashed as the agent's volume meter does.
+fn series_per_round(requests: &[EncodedRequest]) -> Result<u64> {
+    let state = phoenix_agent::stats::series_hash_state();
+    let mut seen = std::collections::HashSet::new();
+    for request in requests {
+        phoenix_agent::stats::for_each_series(&state, &request.bytes, |s| {
+            seen.insert(s);
+        })
+        .map_err(|e| anyhow!("the workload built an invalid request: {e}"))?;
+    }
+    Ok(seen.len() as u64)
+}
+
+fn gzip(bytes: &[u8]) -> Result<bytes::Bytes> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).context("compressing a request")?;
+    Ok(encoder.finish().context("compressing a request")?.into())
+}
+
+/// The command line, with a scenario file's options put before the ones given: the
+/// command line wins, since a later occurrence of an option overrides an earlier one.
+fn parse_args() -> Result<Args> {
+    let given: Vec<String> = std::env::args().collect();
+    let args = Args::parse_from(&given);
+    let Some(path) = &args.scenario else {
+        return Ok(args);
+    };
+    let mut argv = vec![given.first().cloned().unwrap_or_default()];
+    argv.extend(scenario_args(path)?);
+    argv.extend(given.into_iter().skip(1));
+    Args::try_parse_from(argv).with_context(|| format!("scenario {}", path.display()))
+}
+
+fn scenario_args(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read scenario {}", path.display()))?;
+    let map: BTreeMap<String, serde_yaml::Value> =
+        serde_yaml::from_str(&text).with_context(|| {
+            format!(
+                "scenario {}: expected a map of option to value",
+                path.display()
+            )
+        })?;
+    let mut out = Vec::new();
+    for (key, value) in map {
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            serde_yaml::Value::Bool(true) => out.push(flag),
+            serde_yaml::Value::Bool(false) => {}
+            serde_yaml::Value::String(s) => out.extend([flag, s]),
+            serde_yaml::Value::Number(n) => out.extend([flag, n.to_string()]),
+            other => {
+                return Err(anyhow!(
+                    "scenario {}: {key}: expected a string, number or boolean, not {other:?}",
+                    path.display()
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let args = parse_args()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.max(1))
         .enable_all()
