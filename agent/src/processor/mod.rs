@@ -5,9 +5,11 @@
 //! that file plus one line in [`FACTORIES`]. The runner, not the processor, counts data points
 //! in and out, delivers deadlines and flushes on shutdown or reload.
 
+pub mod aggregate;
 pub mod attributes;
 pub mod batch;
 pub mod filter;
+pub mod merge;
 pub mod pattern;
 pub mod state;
 
@@ -71,7 +73,12 @@ pub struct ProcessorFactory {
 }
 
 /// Every processor type, in the order the reference docs list them.
-pub const FACTORIES: &[ProcessorFactory] = &[filter::FACTORY, attributes::FACTORY, batch::FACTORY];
+pub const FACTORIES: &[ProcessorFactory] = &[
+    filter::FACTORY,
+    attributes::FACTORY,
+    batch::FACTORY,
+    aggregate::FACTORY,
+];
 
 /// Parses the config of processor `id` with the factory its type names.
 pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
