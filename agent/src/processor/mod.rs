@@ -5,10 +5,12 @@
 //! that file plus one line in [`FACTORIES`]. The runner, not the processor, counts data points
 //! in and out, delivers deadlines and flushes on shutdown or reload.
 
+pub mod aggregate;
 pub mod attributes;
 pub mod batch;
 pub mod classify;
 pub mod filter;
+pub mod merge;
 pub mod pattern;
 pub mod state;
 
@@ -77,6 +79,7 @@ pub const FACTORIES: &[ProcessorFactory] = &[
     attributes::FACTORY,
     batch::FACTORY,
     classify::FACTORY,
+    aggregate::FACTORY,
 ];
 
 /// Parses the config of processor `id` with the factory its type names.
