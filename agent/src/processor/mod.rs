@@ -7,9 +7,12 @@
 
 pub mod attributes;
 pub mod batch;
+pub mod cumulativetodelta;
+pub mod deltatocumulative;
 pub mod filter;
 pub mod pattern;
 pub mod state;
+pub mod streams;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -71,7 +74,13 @@ pub struct ProcessorFactory {
 }
 
 /// Every processor type, in the order the reference docs list them.
-pub const FACTORIES: &[ProcessorFactory] = &[filter::FACTORY, attributes::FACTORY, batch::FACTORY];
+pub const FACTORIES: &[ProcessorFactory] = &[
+    filter::FACTORY,
+    attributes::FACTORY,
+    batch::FACTORY,
+    cumulativetodelta::FACTORY,
+    deltatocumulative::FACTORY,
+];
 
 /// Parses the config of processor `id` with the factory its type names.
 pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
