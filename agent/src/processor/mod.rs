@@ -9,10 +9,13 @@ pub mod aggregate;
 pub mod attributes;
 pub mod batch;
 pub mod classify;
+pub mod cumulativetodelta;
+pub mod deltatocumulative;
 pub mod filter;
 pub mod merge;
 pub mod pattern;
 pub mod state;
+pub mod streams;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -80,6 +83,8 @@ pub const FACTORIES: &[ProcessorFactory] = &[
     batch::FACTORY,
     classify::FACTORY,
     aggregate::FACTORY,
+    cumulativetodelta::FACTORY,
+    deltatocumulative::FACTORY,
 ];
 
 /// Parses the config of processor `id` with the factory its type names.
