@@ -205,6 +205,9 @@ impl MergeTelemetry {
 /// bytes are stored per input series while a collision stays out of reach (about n²/2¹²⁹).
 type Fp = u128;
 
+/// The output of a member that was only ever tracked (see [`Aggregator::track`]).
+const NO_OUTPUT: Fp = 0;
+
 struct Fingerprinter {
     a: RandomState,
     b: RandomState,
@@ -710,6 +713,9 @@ enum MemberState {
 #[derive(Debug)]
 struct Member {
     output: Fp,
+    /// Merged into its output; false while only tracked. A detached member still keeps its
+    /// output alive, so that the output's cumulative total goes on.
+    attached: bool,
     /// The interval (generation) it last reported in.
     seen_generation: u64,
     /// End of the last interval it reported in, for staleness.
@@ -783,6 +789,8 @@ struct AddContext<'a> {
     metric: (Fp, &'a str, &'a str, &'a str),
     /// The projected resource, computed when a first new member needs it.
     output_resource: Option<(Fp, Arc<[KeyValue]>)>,
+    /// [`Aggregator::track`]: keep baselines, do not merge.
+    track: bool,
 }
 
 /// Merges series over aligned intervals; see the module docs.
@@ -870,6 +878,134 @@ impl Aggregator {
             .publish(&before, &self.counts, self.tracked_series());
     }
 
+    /// Follows the points of `metric` without merging them, for a caller that passes them on
+    /// as they are (the entities `topk` keeps, the series `cardinality_limit` admits).
+    ///
+    /// A series may move between being merged and being passed on, and no increase may be
+    /// lost or counted twice when it does. So its cumulative counters and histograms keep
+    /// their baseline here: when it is merged again later, only what it counts from then on
+    /// is added. And a series merged until now adds its increase up to this point (it
+    /// happened while the series was merged; a backend reads no increase from the first
+    /// point of the series it now sees), then stops counting: its level leaves the sums of
+    /// gauges and up-down counters.
+    pub fn track(
+        &mut self,
+        resource: &Resource,
+        scope: &InstrumentationScope,
+        metric: &Metric,
+        projection: &dyn Projection,
+    ) {
+        let Some(data) = &metric.data else { return };
+        let Some((kind, cumulative_input)) = kind_of(data) else {
+            return;
+        };
+        let mut ctx = self.context(resource, scope, metric, kind, cumulative_input, projection);
+        ctx.track = true;
+        let before = self.counts;
+        match data {
+            Data::Gauge(Gauge { data_points }) | Data::Sum(Sum { data_points, .. }) => {
+                for point in data_points {
+                    self.add_number(&mut ctx, point);
+                }
+            }
+            Data::Histogram(h) => {
+                for point in &h.data_points {
+                    self.add_histogram(&mut ctx, point);
+                }
+            }
+            Data::ExponentialHistogram(h) => {
+                for point in &h.data_points {
+                    self.add_exp_histogram(&mut ctx, point);
+                }
+            }
+            Data::Summary(_) => {}
+        }
+        // The points stay with the caller: nothing of theirs was dropped or left unmerged.
+        self.counts = before;
+        self.telemetry
+            .publish(&before, &self.counts, self.tracked_series());
+    }
+
+    /// What `add` and `track` know about one metric.
+    fn context<'a>(
+        &self,
+        resource: &'a Resource,
+        scope: &'a InstrumentationScope,
+        metric: &'a Metric,
+        kind: Kind,
+        cumulative_input: bool,
+        projection: &'a dyn Projection,
+    ) -> AddContext<'a> {
+        let fps = &self.fingerprints;
+        let resource_fp = fps.attributes(&resource.attributes);
+        let scope_fp = fps.of(|h| {
+            scope.name.hash(h);
+            scope.version.hash(h);
+        });
+        let metric_fp = fps.of(|h| {
+            metric.name.hash(h);
+            metric.unit.hash(h);
+            kind.hash(h);
+        });
+        let base = fps.of(|h| {
+            h.write_u128(resource_fp);
+            h.write_u128(scope_fp);
+            h.write_u128(metric_fp);
+        });
+        AddContext {
+            resource: &resource.attributes,
+            projection,
+            kind,
+            cumulative_input,
+            base,
+            scope: (scope_fp, scope),
+            metric: (metric_fp, &metric.name, &metric.description, &metric.unit),
+            output_resource: None,
+            track: false,
+        }
+    }
+
+    /// Whether member `fp` exists and is merged into its output.
+    fn is_attached(&self, fp: Fp) -> bool {
+        self.members.get(&fp).is_some_and(|m| m.attached)
+    }
+
+    /// Records the baseline of a member that is only tracked, making it if need be.
+    fn set_baseline(&mut self, fp: Fp, state: MemberState) {
+        let generation = self.generation;
+        let room = self.tracked_series() < self.settings.max_series;
+        match self.members.get_mut(&fp) {
+            Some(member) => {
+                member.seen_generation = generation;
+                member.state = state;
+            }
+            None if room => {
+                self.members.insert(
+                    fp,
+                    Member {
+                        output: NO_OUTPUT,
+                        attached: false,
+                        seen_generation: generation,
+                        last_seen: self.interval_start,
+                        state,
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// Stops a member from counting in its output; it keeps its baseline.
+    fn detach(&mut self, fp: Fp) {
+        let Some(member) = self.members.get_mut(&fp) else {
+            return;
+        };
+        member.attached = false;
+        if matches!(member.state, MemberState::Level { .. }) {
+            member.state = MemberState::Stateless;
+        }
+    }
+
     fn add_metric(
         &mut self,
         resource: &Resource,
@@ -877,26 +1013,11 @@ impl Aggregator {
         metric: &mut Metric,
         projection: &dyn Projection,
     ) {
-        let Metric {
-            name,
-            description,
-            unit,
-            data,
-            ..
-        } = metric;
-        let Some(data) = data.as_mut() else { return };
-        let cumulative = |t: i32| t != AggregationTemporality::Delta as i32;
-        let (kind, cumulative_input) = match data {
-            Data::Gauge(_) => (Kind::Gauge, false),
-            Data::Sum(s) if s.is_monotonic => {
-                (Kind::Counter, cumulative(s.aggregation_temporality))
-            }
-            Data::Sum(s) => (Kind::UpDown, cumulative(s.aggregation_temporality)),
-            Data::Histogram(h) => (Kind::Histogram, cumulative(h.aggregation_temporality)),
-            Data::ExponentialHistogram(h) => {
-                (Kind::ExpHistogram, cumulative(h.aggregation_temporality))
-            }
-            Data::Summary(s) => {
+        let Some(data) = metric.data.as_mut() else {
+            return;
+        };
+        let Some((kind, cumulative_input)) = kind_of(data) else {
+            if let Data::Summary(s) = data {
                 let n = s.data_points.len() as u64;
                 match self.settings.summaries {
                     SummaryPolicy::Pass => self.counts.unmerged_summary += n,
@@ -905,47 +1026,31 @@ impl Aggregator {
                         s.data_points.clear();
                     }
                 }
-                return;
             }
+            return;
         };
-        let fps = &self.fingerprints;
-        let resource_fp = fps.attributes(&resource.attributes);
-        let scope_fp = fps.of(|h| {
-            scope.name.hash(h);
-            scope.version.hash(h);
-        });
-        let metric_fp = fps.of(|h| {
-            name.hash(h);
-            unit.hash(h);
-            kind.hash(h);
-        });
-        let base = fps.of(|h| {
-            h.write_u128(resource_fp);
-            h.write_u128(scope_fp);
-            h.write_u128(metric_fp);
-        });
-        let mut ctx = AddContext {
-            resource: &resource.attributes,
-            projection,
-            kind,
-            cumulative_input,
-            base,
-            scope: (scope_fp, scope),
-            metric: (metric_fp, name, description, unit),
-            output_resource: None,
-        };
+        // The points are taken out while the context borrows the metric's descriptor.
+        let mut data = metric.data.take();
+        let mut ctx = self.context(resource, scope, metric, kind, cumulative_input, projection);
+        if let Some(data) = data.as_mut() {
+            self.merge_points(&mut ctx, data);
+        }
+        metric.data = data;
+    }
+
+    fn merge_points(&mut self, ctx: &mut AddContext<'_>, data: &mut Data) {
         match data {
             Data::Gauge(Gauge { data_points }) | Data::Sum(Sum { data_points, .. }) => data_points
                 .retain(|p| {
-                    let outcome = self.add_number(&mut ctx, p);
+                    let outcome = self.add_number(ctx, p);
                     self.count(outcome)
                 }),
             Data::Histogram(h) => h.data_points.retain(|p| {
-                let outcome = self.add_histogram(&mut ctx, p);
+                let outcome = self.add_histogram(ctx, p);
                 self.count(outcome)
             }),
             Data::ExponentialHistogram(h) => h.data_points.retain(|p| {
-                let outcome = self.add_exp_histogram(&mut ctx, p);
+                let outcome = self.add_exp_histogram(ctx, p);
                 self.count(outcome)
             }),
             Data::Summary(_) => {}
@@ -984,7 +1089,17 @@ impl Aggregator {
         compatible: impl FnOnce(&Accumulated) -> bool,
         accumulated: impl FnOnce() -> Accumulated,
     ) -> Result<bool, Outcome> {
-        if let Some(member) = self.members.get(&fp) {
+        let tracked = self.members.get(&fp).map(|m| (m.attached, m.output));
+        if let Some((false, output)) = tracked {
+            if self.outputs.contains_key(&output) {
+                // Detached earlier: merged again into the output it still keeps alive.
+                if let Some(member) = self.members.get_mut(&fp) {
+                    member.attached = true;
+                }
+                return Ok(false);
+            }
+        }
+        if let Some(member) = self.members.get(&fp).filter(|m| m.attached) {
             return match self.outputs.get(&member.output) {
                 Some(output) if compatible(&output.accumulated) => Ok(false),
                 Some(_) => Err(Outcome::Unmerged(Unmerged::BucketMismatch)),
@@ -1025,7 +1140,7 @@ impl Aggregator {
             Some(_) => true,
             None => false,
         };
-        let needed = if output_exists { 1 } else { 2 };
+        let needed = usize::from(tracked.is_none()) + usize::from(!output_exists);
         if self.tracked_series() + needed > self.settings.max_series {
             return Err(Outcome::Unmerged(Unmerged::StateFull));
         }
@@ -1082,10 +1197,19 @@ impl Aggregator {
         if let Some(output) = self.outputs.get_mut(&output_fp) {
             output.members += 1;
         }
+        if tracked.is_some() {
+            // A tracked member merged for the first time: its baseline makes its next delta.
+            if let Some(member) = self.members.get_mut(&fp) {
+                member.output = output_fp;
+                member.attached = true;
+            }
+            return Ok(false);
+        }
         self.members.insert(
             fp,
             Member {
                 output: output_fp,
+                attached: true,
                 seen_generation: u64::MAX,
                 last_seen: self.interval_start,
                 state: MemberState::Stateless,
@@ -1118,6 +1242,18 @@ impl Aggregator {
         }
         let fp = self.member_fp(ctx, &point.attributes);
         let start = point.start_time_unix_nano;
+        if ctx.track && !self.is_attached(fp) {
+            if ctx.kind == Kind::Counter && ctx.cumulative_input {
+                let time = point.time_unix_nano;
+                let state = MemberState::Counter {
+                    start,
+                    time,
+                    last: value,
+                };
+                self.set_baseline(fp, state);
+            }
+            return Outcome::Merged;
+        }
         let accumulated = match ctx.kind {
             Kind::Counter => || Accumulated::Counter(Total::default()),
             _ => || Accumulated::FromMembers,
@@ -1196,6 +1332,9 @@ impl Aggregator {
             }
             _ => return Outcome::Unmerged(Unmerged::StateFull),
         }
+        if ctx.track {
+            self.detach(fp);
+        }
         Outcome::Merged
     }
 
@@ -1211,6 +1350,17 @@ impl Aggregator {
         }
         let fp = self.member_fp(ctx, &point.attributes);
         let start = point.start_time_unix_nano;
+        if ctx.track && !self.is_attached(fp) {
+            if ctx.cumulative_input {
+                let state = MemberState::Histogram {
+                    start,
+                    time: point.time_unix_nano,
+                    last: HistData::of(point),
+                };
+                self.set_baseline(fp, state);
+            }
+            return Outcome::Merged;
+        }
         let compatible = |a: &Accumulated| matches!(a, Accumulated::Histogram { bounds, .. } if *bounds == point.explicit_bounds);
         let accumulated = || Accumulated::Histogram {
             bounds: point.explicit_bounds.clone(),
@@ -1260,6 +1410,9 @@ impl Aggregator {
         {
             data.merge(&increase);
         }
+        if ctx.track {
+            self.detach(fp);
+        }
         Outcome::Merged
     }
 
@@ -1276,6 +1429,20 @@ impl Aggregator {
         }
         let fp = self.member_fp(ctx, &point.attributes);
         let start = point.start_time_unix_nano;
+        if ctx.track && !self.is_attached(fp) {
+            if ctx.cumulative_input {
+                let mut last = ExpData::of(point);
+                let scale = last.common_scale(&last);
+                last.downscale_to(scale);
+                let state = MemberState::ExpHistogram {
+                    start,
+                    time: point.time_unix_nano,
+                    last,
+                };
+                self.set_baseline(fp, state);
+            }
+            return Outcome::Merged;
+        }
         let is_new = match self.admit(
             ctx,
             fp,
@@ -1332,6 +1499,9 @@ impl Aggregator {
                 Some(data) => data.merge(&increase),
                 None => *data = Some(increase),
             }
+        }
+        if ctx.track {
+            self.detach(fp);
         }
         Outcome::Merged
     }
@@ -1512,6 +1682,21 @@ impl Aggregator {
             .publish(&before, &self.counts, self.tracked_series());
         resource_metrics
     }
+}
+
+/// The kind of a metric's data and whether it is cumulative; `None` for summaries.
+fn kind_of(data: &Data) -> Option<(Kind, bool)> {
+    let cumulative = |t: i32| t != AggregationTemporality::Delta as i32;
+    Some(match data {
+        Data::Gauge(_) => (Kind::Gauge, false),
+        Data::Sum(s) if s.is_monotonic => (Kind::Counter, cumulative(s.aggregation_temporality)),
+        Data::Sum(s) => (Kind::UpDown, cumulative(s.aggregation_temporality)),
+        Data::Histogram(h) => (Kind::Histogram, cumulative(h.aggregation_temporality)),
+        Data::ExponentialHistogram(h) => {
+            (Kind::ExpHistogram, cumulative(h.aggregation_temporality))
+        }
+        Data::Summary(_) => return None,
+    })
 }
 
 /// Whether a new member's first cumulative value counts in full rather than as a baseline:
@@ -1835,6 +2020,127 @@ mod tests {
         match &metrics(out)[0].data {
             Some(Data::Sum(s)) => (s.aggregation_temporality, s.is_monotonic),
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn track(agg: &mut Aggregator, pid: i64, value: i64, start: u64, time: u64) {
+        let (pid, m) = counter(pid, value, start, time);
+        agg.track(&resource(pid), &scope(), &m, &keep_host());
+    }
+
+    fn merged(agg: &mut Aggregator, pid: i64, value: i64, start: u64, time: u64) {
+        assert!(add(agg, vec![counter(pid, value, start, time)]).is_empty());
+    }
+
+    fn total(out: &[ResourceMetrics]) -> i64 {
+        match number(out, "m").value {
+            Some(number_data_point::Value::AsInt(i)) => i,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_series_moving_between_merged_and_passed_on_is_counted_exactly_once() {
+        let mut agg = engine(settings(Temporality::Cumulative));
+        let old = T0 - 1000 * SEC;
+        // pid 1 always merged; pid 2 passed on (tracked) first.
+        merged(&mut agg, 1, 100, old, t(0) + SEC);
+        track(&mut agg, 2, 500, old, t(0) + SEC);
+        assert_eq!(total(&agg.emit(t(1))), 100);
+        // pid 2 joins the merge: only its increase since its tracked point counts (+20),
+        // not its history (500).
+        merged(&mut agg, 1, 110, old, t(1) + SEC);
+        merged(&mut agg, 2, 520, old, t(1) + SEC);
+        assert_eq!(total(&agg.emit(t(2))), 100 + 10 + 20);
+        // pid 2 is passed on again: its increase up to now (+30) happened while merged and
+        // still counts here; afterwards it does not.
+        merged(&mut agg, 1, 115, old, t(2) + SEC);
+        track(&mut agg, 2, 550, old, t(2) + SEC);
+        assert_eq!(total(&agg.emit(t(3))), 130 + 5 + 30);
+        merged(&mut agg, 1, 120, old, t(3) + SEC);
+        track(&mut agg, 2, 900, old, t(3) + SEC);
+        assert_eq!(total(&agg.emit(t(4))), 165 + 5);
+        // Back once more after a restart while tracked: the restart's value is its baseline.
+        track(&mut agg, 2, 7, t(4), t(4) + SEC);
+        merged(&mut agg, 1, 120, old, t(4) + 2 * SEC);
+        merged(&mut agg, 2, 9, t(4), t(4) + 2 * SEC);
+        assert_eq!(total(&agg.emit(t(5))), 170 + 2);
+    }
+
+    #[test]
+    fn tracking_alone_makes_no_output_and_a_tracked_level_leaves_the_sum() {
+        let mut agg = engine(settings(Temporality::Cumulative));
+        track(&mut agg, 1, 100, T0 - SEC, t(0) + SEC);
+        assert!(agg.emit(t(1)).is_empty());
+
+        let level = |v: i64| {
+            sum(
+                vec![point(int(v), T0, t(1) + SEC)],
+                false,
+                AggregationTemporality::Cumulative,
+            )
+        };
+        let mut a = level(10);
+        let mut b = level(5);
+        agg.add(&resource(1), &scope(), &mut a, &keep_host());
+        agg.add(&resource(2), &scope(), &mut b, &keep_host());
+        assert_eq!(total(&agg.emit(t(2))), 15);
+        agg.track(&resource(2), &scope(), &level(6), &keep_host());
+        assert_eq!(total(&agg.emit(t(3))), 10);
+    }
+
+    proptest! {
+        /// Whatever the moves between merged and passed on, the merged output's increase
+        /// plus the increases a backend reads from the passed-on points equal the inputs'
+        /// increases.
+        #[test]
+        fn moving_series_conserve_counter_totals(
+            steps in proptest::collection::vec((0i64..4, 0i64..50, any::<bool>(), 0u8..10), 1..80)
+        ) {
+            let mut agg = engine(settings(Temporality::Cumulative));
+            let old = T0 - 1000 * SEC;
+            let mut values = [1000i64; 4];
+            // A series seen by the engine before: the first point of each is a baseline.
+            for pid in 0..4 {
+                track(&mut agg, pid, values[pid as usize], old, t(0));
+            }
+            let mut true_increase = 0i64;
+            let mut passed_increase = 0i64;
+            // The first points were passed on too.
+            let mut last_passed: [Option<i64>; 4] = [Some(1000); 4];
+            let mut last_total = 0i64;
+            let mut merged_increase = 0i64;
+            for (k, (pid, step, merge, close)) in steps.into_iter().enumerate() {
+                let time = t(0) + (k as u64 + 1) * SEC;
+                values[pid as usize] += step;
+                true_increase += step;
+                let value = values[pid as usize];
+                if merge {
+                    merged(&mut agg, pid, value, old, time);
+                    last_passed[pid as usize] = None;
+                } else {
+                    // A backend reads an increase between consecutive passed-on points only.
+                    if let Some(last) = last_passed[pid as usize] {
+                        passed_increase += value - last;
+                    }
+                    last_passed[pid as usize] = Some(value);
+                    track(&mut agg, pid, value, old, time);
+                }
+                if close == 0 {
+                    let out = agg.emit(time + 1);
+                    if !out.is_empty() {
+                        let now = total(&out);
+                        prop_assert!(now >= last_total);
+                        merged_increase += now - last_total;
+                        last_total = now;
+                    }
+                }
+            }
+            let out = agg.emit(t(100));
+            if !out.is_empty() {
+                merged_increase += total(&out) - last_total;
+            }
+            prop_assert_eq!(merged_increase + passed_increase, true_increase);
         }
     }
 
