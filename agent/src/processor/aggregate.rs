@@ -8,7 +8,7 @@
 //! processor's config unchanged carries running totals over instead of resetting counters.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ahash::AHashSet;
 use indexmap::IndexMap;
@@ -23,6 +23,7 @@ use super::merge::{
     Temporality,
 };
 use super::pattern::{Matcher, PatternText};
+use super::window::{now_unix_nanos, Windows};
 use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
 };
@@ -208,33 +209,25 @@ pub struct AggregateConfig {
 impl ProcessorConfig for AggregateConfig {
     fn build(&self, context: &mut BuildContext<'_>) -> Box<dyn Processor> {
         let state = context.state::<Option<Aggregator>>();
-        let now = unix_nanos(SystemTime::now());
         state.lock().get_or_insert_with(|| {
             Aggregator::new(
                 self.settings.clone(),
                 MergeTelemetry::new(context.pipeline(), context.id().as_str()),
-                now,
+                now_unix_nanos(),
             )
         });
-        let interval = duration_nanos(self.interval).max(1);
-        let next_boundary = next_boundary(now, interval);
         Box::new(Aggregate {
-            interval,
             selection: self.selection.clone(),
             state,
-            next_boundary,
-            deadline: instant_at(next_boundary),
+            windows: Windows::new(self.interval),
         })
     }
 }
 
 pub struct Aggregate {
-    interval: u64,
     selection: Arc<AttributeSelection>,
     state: SharedState<Option<Aggregator>>,
-    /// The next interval boundary, in unix nanoseconds, and when it is due.
-    next_boundary: u64,
-    deadline: Instant,
+    windows: Windows,
 }
 
 impl Aggregate {
@@ -285,17 +278,12 @@ impl Processor for Aggregate {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        Some(self.deadline)
+        Some(self.windows.deadline())
     }
 
     fn on_deadline(&mut self, _now: Instant, out: &mut Vec<Payload>) {
-        let boundary = self.next_boundary;
+        let boundary = self.windows.advance();
         self.emit(boundary, out);
-        // Never step back, even if the wall clock did.
-        let wall = unix_nanos(SystemTime::now());
-        self.next_boundary =
-            next_boundary(wall, self.interval).max(boundary.saturating_add(self.interval));
-        self.deadline = instant_at(self.next_boundary);
     }
 
     fn flush(&mut self, out: &mut Vec<Payload>) {
@@ -305,32 +293,13 @@ impl Processor for Aggregate {
         }
         let resource_metrics = match self.state.lock().as_mut() {
             Some(aggregator) => {
-                let now = unix_nanos(SystemTime::now());
+                let now = now_unix_nanos();
                 aggregator.emit(now.max(aggregator.interval_start().saturating_add(1)))
             }
             None => return,
         };
         push(resource_metrics, out);
     }
-}
-
-fn duration_nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn unix_nanos(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, duration_nanos)
-}
-
-/// The first multiple of `interval` after `now`.
-fn next_boundary(now: u64, interval: u64) -> u64 {
-    (now / interval).saturating_add(1).saturating_mul(interval)
-}
-
-/// When the monotonic clock reaches the wall-clock time `unix_nanos`.
-fn instant_at(unix: u64) -> Instant {
-    let wall = unix_nanos(SystemTime::now());
-    Instant::now() + Duration::from_nanos(unix.saturating_sub(wall))
 }
 
 #[cfg(test)]
@@ -488,8 +457,6 @@ mod tests {
 
     #[test]
     fn deadlines_fall_on_interval_boundaries() {
-        assert_eq!(next_boundary(25, 10), 30);
-        assert_eq!(next_boundary(30, 10), 40);
         let mut registry = StateRegistry::default();
         let mut p = build(CONFIG, None, &mut registry);
         let deadline = p.deadline().unwrap();

@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, Instrumentatio
 use opentelemetry_proto::tonic::metrics::v1::{
     exponential_histogram_data_point::Buckets, metric::Data, number_data_point,
     AggregationTemporality, ExponentialHistogram, ExponentialHistogramDataPoint, Gauge, Histogram,
-    HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, Summary,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
@@ -1884,6 +1884,118 @@ fn append(data: &mut Option<Data>, more: Data) {
             a.data_points.extend(b.data_points)
         }
         (_, more) => *data = Some(more),
+    }
+}
+
+/// Where one data point goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Passed on as it is, not tracked.
+    Pass,
+    /// Passed on as it is, and tracked (see [`Aggregator::track`]).
+    Keep,
+    /// Merged, or dropped.
+    Other,
+}
+
+/// Splits `metric`'s points by `route`: `Pass` and `Keep` points stay in it, `Other` points
+/// move to the first metric returned, and copies of the `Keep` points make the second.
+pub fn split(
+    metric: &mut Metric,
+    route: &mut dyn FnMut(&[KeyValue]) -> Route,
+) -> (Option<Metric>, Option<Metric>) {
+    fn partition<T: Clone>(
+        points: &mut Vec<T>,
+        attributes: impl Fn(&T) -> &[KeyValue],
+        route: &mut dyn FnMut(&[KeyValue]) -> Route,
+    ) -> (Vec<T>, Vec<T>) {
+        let mut others = Vec::new();
+        let mut kept = Vec::new();
+        for point in std::mem::take(points) {
+            match route(attributes(&point)) {
+                Route::Pass => points.push(point),
+                Route::Keep => {
+                    kept.push(point.clone());
+                    points.push(point);
+                }
+                Route::Other => others.push(point),
+            }
+        }
+        (others, kept)
+    }
+    let with = |data: Data| Metric {
+        name: metric.name.clone(),
+        description: metric.description.clone(),
+        unit: metric.unit.clone(),
+        metadata: metric.metadata.clone(),
+        data: Some(data),
+    };
+    let (others, kept) = match &mut metric.data {
+        None => return (None, None),
+        Some(Data::Gauge(g)) => {
+            let (o, k) = partition(&mut g.data_points, |p| &p.attributes, route);
+            (
+                Data::Gauge(Gauge { data_points: o }),
+                Data::Gauge(Gauge { data_points: k }),
+            )
+        }
+        Some(Data::Sum(s)) => {
+            let (o, k) = partition(&mut s.data_points, |p| &p.attributes, route);
+            let sum = |data_points| {
+                Data::Sum(Sum {
+                    data_points,
+                    aggregation_temporality: s.aggregation_temporality,
+                    is_monotonic: s.is_monotonic,
+                })
+            };
+            (sum(o), sum(k))
+        }
+        Some(Data::Histogram(h)) => {
+            let (o, k) = partition(&mut h.data_points, |p| &p.attributes, route);
+            let hist = |data_points| {
+                Data::Histogram(Histogram {
+                    data_points,
+                    aggregation_temporality: h.aggregation_temporality,
+                })
+            };
+            (hist(o), hist(k))
+        }
+        Some(Data::ExponentialHistogram(h)) => {
+            let (o, k) = partition(&mut h.data_points, |p| &p.attributes, route);
+            let hist = |data_points| {
+                Data::ExponentialHistogram(ExponentialHistogram {
+                    data_points,
+                    aggregation_temporality: h.aggregation_temporality,
+                })
+            };
+            (hist(o), hist(k))
+        }
+        Some(Data::Summary(s)) => {
+            let (o, k) = partition(&mut s.data_points, |p| &p.attributes, route);
+            (
+                Data::Summary(Summary { data_points: o }),
+                Data::Summary(Summary { data_points: k }),
+            )
+        }
+    };
+    let non_empty = |data: Data| {
+        let metric = with(data);
+        (crate::otlp::metric_data_points(metric.data.as_ref()) > 0).then_some(metric)
+    };
+    (non_empty(others), non_empty(kept))
+}
+
+/// Moves the points of `extra` (of the same type) back into `metric`.
+pub fn append_points(metric: &mut Metric, extra: Metric) {
+    match (&mut metric.data, extra.data) {
+        (Some(Data::Gauge(a)), Some(Data::Gauge(b))) => a.data_points.extend(b.data_points),
+        (Some(Data::Sum(a)), Some(Data::Sum(b))) => a.data_points.extend(b.data_points),
+        (Some(Data::Histogram(a)), Some(Data::Histogram(b))) => a.data_points.extend(b.data_points),
+        (Some(Data::ExponentialHistogram(a)), Some(Data::ExponentialHistogram(b))) => {
+            a.data_points.extend(b.data_points)
+        }
+        (Some(Data::Summary(a)), Some(Data::Summary(b))) => a.data_points.extend(b.data_points),
+        _ => {}
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod aggregate;
 pub mod attributes;
 pub mod batch;
+pub mod cardinality_limit;
 pub mod classify;
 pub mod cumulativetodelta;
 pub mod deltatocumulative;
@@ -16,6 +17,8 @@ pub mod merge;
 pub mod pattern;
 pub mod state;
 pub mod streams;
+pub mod topk;
+pub mod window;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -85,6 +88,8 @@ pub const FACTORIES: &[ProcessorFactory] = &[
     aggregate::FACTORY,
     cumulativetodelta::FACTORY,
     deltatocumulative::FACTORY,
+    topk::FACTORY,
+    cardinality_limit::FACTORY,
 ];
 
 /// Parses the config of processor `id` with the factory its type names.
