@@ -559,7 +559,7 @@ pipelines:
     #[test]
     fn unknown_types_undefined_references_and_unused_receivers() {
         let yaml = VALID
-            .replace("  batch: { timeout: 1s }", "  batch: { timeout: 1s }\n  topk/cpu: { k: 1 }")
+            .replace("  batch: { timeout: 1s }", "  batch: { timeout: 1s }\n  sample/cpu: { k: 1 }")
             .replace("processors: [batch]", "processors: [batch, filter/missing]")
             .replace(
                 "  otlp: { protocols",
@@ -568,13 +568,13 @@ pipelines:
         assert_eq!(
             paths(&yaml),
             vec![
-                "processors.topk/cpu",
+                "processors.sample/cpu",
                 "pipelines.baseline.processors[1]",
                 "receivers.otlp/spare"
             ]
         );
         let found = issues(&yaml);
-        assert!(found[0].message.contains("unknown processor type \"topk\""));
+        assert!(found[0].message.contains("unknown processor type \"sample\""));
         assert!(found[1]
             .message
             .contains("\"filter/missing\" is not defined"));
