@@ -8,9 +8,12 @@ use std::process::Command;
 
 #[test]
 fn validate_accepts_the_shipped_configs() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
     let mut checked = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
+    let shipped = std::fs::read_dir(root)
+        .unwrap()
+        .chain(std::fs::read_dir(format!("{root}/strategies")).unwrap());
+    for entry in shipped {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "yaml") {
             continue;
@@ -25,7 +28,7 @@ fn validate_accepts_the_shipped_configs() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("valid; pipelines: baseline"));
         checked += 1;
     }
-    assert!(checked >= 1);
+    assert!(checked >= 4, "the default config and the three strategies");
 }
 
 #[test]

@@ -366,3 +366,57 @@ fn executables(request: &ExportMetricsServiceRequest) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs/strategies")
+            .join(format!("process-{name}.yaml"))
+    }
+
+    /// A smaller fleet than the documented one, for a test's time budget; the same shape.
+    const FLEET: Fleet = Fleet {
+        seed: 1,
+        hosts: 4,
+        processes: 300,
+        rounds: 10,
+        warm_up: 3,
+    };
+
+    #[test]
+    fn every_strategy_conserves_totals_and_keeps_protected_processes() {
+        for name in ["conservative", "balanced", "aggressive"] {
+            let report = evaluate(&config(name), FLEET, PROTECTED).unwrap();
+            assert!(report.cpu_in > 0.0 && report.memory_in > 0.0, "{name}: {report:?}");
+            assert!(report.cpu_error() <= 0.001, "{name}: cpu {report:?}");
+            assert!(report.memory_error() <= 0.001, "{name}: memory {report:?}");
+            assert!(report.protected > 0, "{name}: {report:?}");
+            assert_eq!(report.protected_kept, report.protected, "{name}: {report:?}");
+            assert!(report.series_reduction() > 0.5, "{name}: {report:?}");
+        }
+    }
+
+    #[test]
+    fn balanced_meets_its_targets() {
+        let report = evaluate(&config("balanced"), FLEET, PROTECTED).unwrap();
+        assert!(report.series_reduction() >= 0.70, "{report:?}");
+        assert!(report.points_reduction() >= 0.50, "{report:?}");
+    }
+
+    #[test]
+    fn the_baseline_against_itself_reduces_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.yaml");
+        std::fs::write(
+            &path,
+            "receivers: { otlp: { protocols: { grpc: {} } } }\nexporters: { blackhole: {} }\npipelines:\n  baseline: { receivers: [otlp], exporters: [blackhole] }\n  candidate: { receivers: [otlp], exporters: [blackhole] }\n",
+        )
+        .unwrap();
+        let report = evaluate(&path, FLEET, PROTECTED).unwrap();
+        assert_eq!(report.candidate, report.baseline);
+        assert_eq!(report.cpu_out, report.cpu_in);
+    }
+}
