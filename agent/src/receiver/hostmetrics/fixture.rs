@@ -26,7 +26,6 @@ pub struct Process {
     /// Target of the `exe` link; `None` makes it unreadable (a directory, which `readlink`
     /// refuses, as the kernel refuses a link the agent has no ptrace rights on).
     pub exe: Option<String>,
-    pub uid: u32,
     pub flags: u64,
     pub utime: u64,
     pub stime: u64,
@@ -46,7 +45,7 @@ pub struct Process {
 }
 
 impl Process {
-    /// A plain process running `/usr/bin/<name> <args>`, owned by uid 1000.
+    /// A plain process running `/usr/bin/<name> <args>`.
     pub fn new(pid: u32, name: &str, args: &[&str]) -> Self {
         let mut cmdline = format!("/usr/bin/{name}").into_bytes();
         for arg in args {
@@ -60,7 +59,6 @@ impl Process {
             comm: name.as_bytes().iter().take(15).copied().collect(),
             cmdline,
             exe: Some(format!("/usr/bin/{name}")),
-            uid: 1000,
             flags: 0x0040_0100,
             utime: 250,
             stime: 125,
@@ -85,15 +83,18 @@ impl Process {
     }
 }
 
-/// Writes `<root>/proc` with host files and `processes`, and `<root>/etc/passwd` with
-/// root (0) and `app` (1000).
+/// Writes `<root>/proc` with host files and `processes`, and `<root>/etc/passwd` naming
+/// `app` the user who runs the test: the scraper takes a process's owner from the owner of
+/// its `/proc/PID` directory, which here is whoever wrote it.
 pub fn write(root: &Path, processes: &[Process]) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
     let proc_dir = root.join("proc");
     std::fs::create_dir_all(proc_dir.join("net"))?;
     std::fs::create_dir_all(root.join("etc"))?;
+    let uid = std::fs::metadata(&proc_dir)?.uid();
     std::fs::write(
         root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        format!("app:x:{uid}:{uid}::/home/app:/bin/sh\nroot:x:0:0:root:/root:/bin/sh\n"),
     )?;
     let mut stat = String::from("cpu  300 20 100 5000 40 1 2 3 0 0\n");
     for cpu in 0..CPUS {
@@ -135,14 +136,13 @@ fn write_process(proc_dir: &Path, p: &Process) -> io::Result<()> {
     let mut status = String::from("Name:\tx\nUmask:\t0022\nState:\tS (sleeping)\n");
     let _ = write!(
         status,
-        "Tgid:\t{pid}\nPid:\t{pid}\nPPid:\t{}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nGid:\t0\t0\t0\t0\nThreads:\t{}\nSigQ:\t0/63704\nSigPnd:\t0000000000000000\nShdPnd:\t{:016x}\nvoluntary_ctxt_switches:\t{}\nnonvoluntary_ctxt_switches:\t{}\n",
+        "Tgid:\t{pid}\nPid:\t{pid}\nPPid:\t{}\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nThreads:\t{}\nSigQ:\t0/63704\nSigPnd:\t0000000000000000\nShdPnd:\t{:016x}\nvoluntary_ctxt_switches:\t{}\nnonvoluntary_ctxt_switches:\t{}\n",
         p.ppid,
         p.num_threads,
         p.shared_pending,
         p.voluntary_ctxt_switches,
         p.nonvoluntary_ctxt_switches,
         pid = p.pid,
-        uid = p.uid,
     );
     std::fs::write(dir.join("status"), status)?;
     std::fs::write(dir.join("cmdline"), &p.cmdline)?;

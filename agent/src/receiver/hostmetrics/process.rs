@@ -403,7 +403,22 @@ impl ProcessScraper {
             None
         };
 
-        let needs_status = a.owner || m.context_switches || m.signals_pending;
+        // The owner is the uid owning /proc/PID (one stat call), not `status`'s real uid:
+        // generating `status` costs more than all the other files of a process together.
+        let owner_uid = if a.owner {
+            use std::os::unix::fs::MetadataExt as _;
+            match std::fs::metadata(self.path.file("")) {
+                Ok(meta) => Some(meta.uid()),
+                Err(err) => {
+                    gone_or!(err, Reason::User, s.mute_user, "owner");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let needs_status = m.context_switches || m.signals_pending;
         let status = if needs_status {
             match self.status.read(self.path.file("status")) {
                 Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
@@ -415,20 +430,15 @@ impl ProcessScraper {
         } else {
             None
         };
-        let owner = if a.owner {
-            let uid = status.and_then(|st| st.real_uid);
-            let name = uid.and_then(|uid| self.users.names.get(&uid).cloned());
+        let owner = owner_uid.and_then(|uid| {
+            let name = self.users.names.get(&uid).cloned();
             if name.is_none() {
-                ctx.errors
-                    .add(NAME, Reason::User, s.mute_user, || match uid {
-                        Some(uid) => format!("pid {pid}: uid {uid} is not in the passwd file"),
-                        None => format!("pid {pid}: no Uid in status"),
-                    });
+                ctx.errors.add(NAME, Reason::User, s.mute_user, || {
+                    format!("pid {pid}: uid {uid} is not in the passwd file")
+                });
             }
             name
-        } else {
-            None
-        };
+        });
 
         let io = if m.disk_io || m.disk_operations {
             let read = self.io.read(self.path.file("io"));

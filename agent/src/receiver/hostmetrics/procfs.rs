@@ -21,8 +21,13 @@ pub struct FileBuf {
 }
 
 impl FileBuf {
-    /// Reads all of `path`. `/proc` files report size 0, so this reads until EOF into
-    /// what is already allocated, growing only when a file is larger than any before.
+    /// Reads all of `path` into what is already allocated, growing only when a file is
+    /// larger than any before (`/proc` files report size 0, so there is no size hint).
+    ///
+    /// A read that leaves room in the buffer is taken as the end of the file, saving the
+    /// usual extra read that returns 0: `/proc`'s seq_file and `cmdline` reads return all
+    /// they have up to the requested count, as regular files do. Syscalls are most of a
+    /// scrape's cost, so this saves about a quarter of them.
     pub fn read(&mut self, path: &Path) -> io::Result<&[u8]> {
         self.len = 0;
         let mut file = File::open(path)?;
@@ -31,15 +36,16 @@ impl FileBuf {
                 let grown = (self.data.len() * 2).max(4096);
                 self.data.resize(grown, 0);
             }
+            let room = self.data.len() - self.len;
             let n = match file.read(&mut self.data[self.len..]) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err),
             };
-            if n == 0 {
+            self.len += n;
+            if n == 0 || n < room {
                 break;
             }
-            self.len += n;
         }
         Ok(self.bytes())
     }
@@ -196,7 +202,6 @@ pub fn parse_pid_stat(bytes: &[u8]) -> Option<PidStat<'_>> {
 /// The fields of `/proc/PID/status` the process scraper uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PidStatus {
-    pub real_uid: Option<u32>,
     pub voluntary_ctxt_switches: u64,
     pub nonvoluntary_ctxt_switches: u64,
     /// Signals pending for the whole process (`ShdPnd`), as a bit mask.
@@ -212,7 +217,6 @@ pub fn parse_pid_status(bytes: &[u8]) -> PidStatus {
         let (key, value) = (&line[..colon], &line[colon + 1..]);
         let first = fields(value).next().unwrap_or_default();
         match key {
-            b"Uid" => status.real_uid = parse_u64(first).and_then(|v| u32::try_from(v).ok()),
             b"voluntary_ctxt_switches" => {
                 status.voluntary_ctxt_switches = parse_u64(first).unwrap_or(0)
             }

@@ -123,7 +123,6 @@ fn odd_processes() -> Vec<Process> {
     let mut no_io = Process::new(104, "secret", &["--quiet"]);
     no_io.io = None;
     no_io.exe = None;
-    no_io.uid = 4242;
     let mut long = Process::new(105, "containerd-shim-runc-v2", &["-namespace", "k8s.io"]);
     long.shared_pending = 0b101;
     vec![plain, spaces, empty, binary, no_io, long]
@@ -223,7 +222,7 @@ fn every_process_metric_has_its_exact_value() {
         attr(103, "process.executable.name").as_deref(),
         Some("b\u{fffd}in")
     );
-    // Unreadable io and exe, unknown uid: those are left out, the rest is there.
+    // Unreadable io and exe: those are left out, the rest is there.
     let secret = values(procs[&104]);
     assert!(
         !secret.keys().any(|k| k.starts_with("process.disk.")),
@@ -231,7 +230,7 @@ fn every_process_metric_has_its_exact_value() {
     );
     assert_eq!(secret["process.cpu.time{state=user}"], 2.5);
     assert_eq!(attr(104, "process.executable.path"), None);
-    assert_eq!(attr(104, "process.owner"), None);
+    assert_eq!(attr(104, "process.owner").as_deref(), Some("app"));
     assert_eq!(
         attr(104, "process.command_line").as_deref(),
         Some("/usr/bin/secret --quiet")
@@ -246,9 +245,30 @@ fn every_process_metric_has_its_exact_value() {
     let e = &output.errors;
     assert_eq!(e.count("process", Reason::Io), 1);
     assert_eq!(e.count("process", Reason::Exe), 1);
-    assert_eq!(e.count("process", Reason::User), 1);
     assert_eq!(e.count("process", Reason::Vanished), 0);
-    assert_eq!(e.counts.len(), 3, "{e:?}");
+    assert_eq!(e.counts.len(), 2, "{e:?}");
+}
+
+#[test]
+fn an_owner_missing_from_passwd_is_left_out_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(
+        dir.path(),
+        &[Process::new(100, "a", &[]), Process::new(101, "b", &[])],
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("etc/passwd"),
+        "nobody:x:65534:65534::/:/bin/false\n",
+    )
+    .unwrap();
+    let output = scrape_once(dir.path(), "  process: { mute_process_user_error: true }\n");
+    for rm in &output.request.resource_metrics {
+        assert_eq!(resource_attr(rm, "process.owner"), None);
+        assert!(resource_attr(rm, "process.command_line").is_some());
+    }
+    assert_eq!(output.errors.count("process", Reason::User), 2);
+    assert!(output.errors.counts.values().all(|c| c.muted));
 }
 
 #[test]
