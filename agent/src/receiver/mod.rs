@@ -4,6 +4,7 @@
 //! Starting is two steps, bind then start, so a reload can claim its sockets before it swaps
 //! pipelines and give up cleanly if a socket is taken.
 
+pub mod hostmetrics;
 pub mod otlp;
 
 use std::any::Any;
@@ -59,7 +60,7 @@ pub struct ReceiverFactory {
 }
 
 /// Every receiver type, in the order of the reference docs.
-pub const FACTORIES: &[ReceiverFactory] = &[otlp::FACTORY];
+pub const FACTORIES: &[ReceiverFactory] = &[otlp::FACTORY, hostmetrics::FACTORY];
 
 pub fn parse(id: &ComponentId, value: Value) -> Result<Arc<dyn ReceiverConfig>, Vec<Issue>> {
     let factory = config::find_factory(FACTORIES, |f| f.type_name, "receiver", id)?;

@@ -35,11 +35,15 @@ macro_rules! metric_defs {
 
 metric_defs! {
     RECEIVER_ACCEPTED = "phoenix_receiver_accepted_datapoints_total", Counter, Count, ["receiver", "transport"],
-        "Data points accepted by a receiver and handed to its pipelines.";
+        "Data points accepted by a receiver and handed to its pipelines (transport: grpc, http, or scrape for hostmetrics).";
     RECEIVER_REFUSED = "phoenix_receiver_refused_datapoints_total", Counter, Count, ["receiver", "transport", "reason"],
         "Data points refused by a receiver (reason: malformed, pipelines_full, invalid). Requests refused before their points can be counted (too large, wrong content type) count only in phoenix_receiver_requests_total{outcome=\"refused\"}.";
     RECEIVER_REQUESTS = "phoenix_receiver_requests_total", Counter, Count, ["receiver", "transport", "outcome"],
         "Export requests handled by a receiver, by outcome (accepted, refused).";
+    RECEIVER_SCRAPE_ERRORS = "phoenix_receiver_scrape_errors_total", Counter, Count, ["receiver", "scraper", "reason"],
+        "What a hostmetrics scrape skipped: reason=vanished (a process exited while being read; skipped), name (its stat unreadable; skipped), exe, io, user, status, fd (one attribute or metric left out, usually for lack of CAP_SYS_PTRACE), read (a host-wide file unreadable). Counted even when a mute_process_*_error option silences the log.";
+    RECEIVER_SCRAPE_DURATION = "phoenix_receiver_scrape_duration_seconds", Gauge, Seconds, ["receiver"],
+        "Wall time of a hostmetrics receiver's last scrape (reading /proc and building the request).";
     PIPELINE_INCOMING = "phoenix_pipeline_incoming_datapoints_total", Counter, Count, ["pipeline"],
         "Data points that entered a pipeline's queue.";
     PIPELINE_DROPPED = "phoenix_pipeline_dropped_datapoints_total", Counter, Count, ["pipeline", "reason"],

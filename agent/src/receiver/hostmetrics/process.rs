@@ -1,0 +1,653 @@
+//! `process` scraper: one resource per process, read from `/proc/PID/{stat,status,cmdline,
+//! exe,io,fd}`, with the Collector's resource attributes and metrics.
+//!
+//! Files are read only when an enabled metric or attribute needs them, into buffers reused
+//! for every process. A process that exits between listing and reading is skipped and
+//! counted (`reason="vanished"`); a file the agent may not read (another user's `io` or `exe`
+//! without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ahash::AHashMap;
+use indexmap::IndexMap;
+use opentelemetry_proto::tonic::metrics::v1::Metric;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use super::metadata::{self, int_attr, push_point, str_attr, MetricDef};
+use super::procfs::{self, FileBuf};
+use super::{MatchType, MetricSwitches, NameFilter, Reason, ScrapeContext, Scraper, Toggle};
+use crate::config::{self, Issue};
+use crate::otlp::ExportMetricsServiceRequest;
+
+const NAME: &str = "process";
+
+/// The kernel truncates a command name (`comm`) to this many bytes.
+const COMM_MAX: usize = 15;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct RawProcessConfig {
+    #[serde(default)]
+    include: Option<NameMatch>,
+    #[serde(default)]
+    exclude: Option<NameMatch>,
+    #[serde(default)]
+    mute_process_name_error: bool,
+    #[serde(default)]
+    mute_process_exe_error: bool,
+    #[serde(default)]
+    mute_process_io_error: bool,
+    #[serde(default)]
+    mute_process_user_error: bool,
+    #[serde(default)]
+    mute_process_all_errors: bool,
+    /// Processes younger than this are not reported yet.
+    #[serde(default, with = "humantime_serde")]
+    scrape_process_delay: Duration,
+    #[serde(default)]
+    resource_attributes: IndexMap<String, Toggle>,
+    #[serde(default)]
+    metrics: IndexMap<String, Toggle>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct NameMatch {
+    names: Vec<String>,
+    #[serde(default)]
+    match_type: MatchType,
+}
+
+/// Which resource attributes are on.
+#[derive(Debug, Clone, Copy)]
+struct Attributes {
+    pid: bool,
+    parent_pid: bool,
+    executable_name: bool,
+    executable_path: bool,
+    command: bool,
+    command_line: bool,
+    owner: bool,
+}
+
+/// Which metrics are on, resolved once from the switches.
+#[derive(Debug, Clone, Copy)]
+struct Metrics {
+    cpu_time: bool,
+    cpu_utilization: bool,
+    memory_usage: bool,
+    memory_virtual: bool,
+    memory_utilization: bool,
+    disk_io: bool,
+    disk_operations: bool,
+    paging_faults: bool,
+    signals_pending: bool,
+    threads: bool,
+    open_file_descriptors: bool,
+    context_switches: bool,
+    uptime: bool,
+}
+
+#[derive(Debug)]
+pub struct ProcessSettings {
+    include: Option<NameFilter>,
+    exclude: Option<NameFilter>,
+    mute_name: bool,
+    mute_exe: bool,
+    mute_io: bool,
+    mute_user: bool,
+    scrape_process_delay: Duration,
+    attributes: Attributes,
+    metrics: Metrics,
+}
+
+pub fn parse(value: Value, issues: &mut Vec<Issue>) -> Option<ProcessSettings> {
+    let raw: RawProcessConfig = config::deserialize(value)
+        .map_err(|i| issues.push(i))
+        .ok()?;
+    let filter = |m: &Option<NameMatch>, path: &str, issues: &mut Vec<Issue>| {
+        m.as_ref()
+            .and_then(|m| NameFilter::compile(&m.names, m.match_type, path, issues))
+    };
+    let include = filter(&raw.include, "include.names", issues);
+    let exclude = filter(&raw.exclude, "exclude.names", issues);
+    for key in raw.resource_attributes.keys() {
+        if !metadata::PROCESS_RESOURCE_ATTRIBUTES
+            .iter()
+            .any(|(k, _, _)| k == key)
+        {
+            let known: Vec<&str> = metadata::PROCESS_RESOURCE_ATTRIBUTES
+                .iter()
+                .map(|(k, _, _)| *k)
+                .collect();
+            issues.push(Issue::new(
+                format!("resource_attributes.{key}"),
+                format!("unknown resource attribute; known: {}", known.join(", ")),
+            ));
+        }
+    }
+    let attr = |key: &str| raw.resource_attributes.get(key).is_none_or(|t| t.enabled);
+    let attributes = Attributes {
+        pid: attr("process.pid"),
+        parent_pid: attr("process.parent_pid"),
+        executable_name: attr("process.executable.name"),
+        executable_path: attr("process.executable.path"),
+        command: attr("process.command"),
+        command_line: attr("process.command_line"),
+        owner: attr("process.owner"),
+    };
+    let switches = MetricSwitches::resolve(NAME, &raw.metrics, "metrics", issues);
+    let metrics = Metrics {
+        cpu_time: switches.on(&metadata::PROCESS_CPU_TIME),
+        cpu_utilization: switches.on(&metadata::PROCESS_CPU_UTILIZATION),
+        memory_usage: switches.on(&metadata::PROCESS_MEMORY_USAGE),
+        memory_virtual: switches.on(&metadata::PROCESS_MEMORY_VIRTUAL),
+        memory_utilization: switches.on(&metadata::PROCESS_MEMORY_UTILIZATION),
+        disk_io: switches.on(&metadata::PROCESS_DISK_IO),
+        disk_operations: switches.on(&metadata::PROCESS_DISK_OPERATIONS),
+        paging_faults: switches.on(&metadata::PROCESS_PAGING_FAULTS),
+        signals_pending: switches.on(&metadata::PROCESS_SIGNALS_PENDING),
+        threads: switches.on(&metadata::PROCESS_THREADS),
+        open_file_descriptors: switches.on(&metadata::PROCESS_OPEN_FILE_DESCRIPTORS),
+        context_switches: switches.on(&metadata::PROCESS_CONTEXT_SWITCHES),
+        uptime: switches.on(&metadata::PROCESS_UPTIME),
+    };
+    let all = raw.mute_process_all_errors;
+    Some(ProcessSettings {
+        include,
+        exclude,
+        mute_name: all || raw.mute_process_name_error,
+        mute_exe: all || raw.mute_process_exe_error,
+        mute_io: all || raw.mute_process_io_error,
+        mute_user: all || raw.mute_process_user_error,
+        scrape_process_delay: raw.scrape_process_delay,
+        attributes,
+        metrics,
+    })
+}
+
+/// CPU seconds of one process at one scrape, for `process.cpu.utilization`.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    /// Tells a reused PID from the process seen before.
+    starttime: u64,
+    time: u64,
+    user: f64,
+    system: f64,
+    wait: f64,
+    /// The scrape that last saw the process; older entries are dropped.
+    generation: u64,
+}
+
+/// uid → user name from `<root>/etc/passwd`, re-read when the file changes.
+#[derive(Debug)]
+struct Users {
+    path: PathBuf,
+    stamp: Option<(SystemTime, u64)>,
+    names: HashMap<u32, String>,
+}
+
+impl Users {
+    fn new(root: &Path) -> Self {
+        Self {
+            path: root.join("etc/passwd"),
+            stamp: None,
+            names: HashMap::new(),
+        }
+    }
+
+    fn refresh(&mut self) {
+        let stamp = std::fs::metadata(&self.path)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        if stamp.is_some() && stamp == self.stamp {
+            return;
+        }
+        self.stamp = stamp;
+        self.names.clear();
+        let Ok(text) = std::fs::read(&self.path) else {
+            return;
+        };
+        for line in procfs::lines(&text) {
+            let mut parts = line.split(|&b| b == b':');
+            let (Some(name), Some(_), Some(uid)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if let Some(uid) = procfs::parse_u64(uid).and_then(|u| u32::try_from(u).ok()) {
+                self.names
+                    .entry(uid)
+                    .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+            }
+        }
+    }
+}
+
+pub struct ProcessScraper {
+    settings: Arc<ProcessSettings>,
+    proc_dir: PathBuf,
+    path: procfs::PathBuf,
+    stat: FileBuf,
+    status: FileBuf,
+    cmdline: FileBuf,
+    io: FileBuf,
+    command_line: String,
+    users: Users,
+    previous: AHashMap<u32, CpuSample>,
+    generation: u64,
+}
+
+impl ProcessScraper {
+    pub fn new(settings: Arc<ProcessSettings>, proc_dir: &Path, root: &Path) -> Self {
+        Self {
+            settings,
+            proc_dir: proc_dir.to_path_buf(),
+            path: procfs::PathBuf::new(proc_dir),
+            stat: FileBuf::default(),
+            status: FileBuf::default(),
+            cmdline: FileBuf::default(),
+            io: FileBuf::default(),
+            command_line: String::new(),
+            users: Users::new(root),
+            previous: AHashMap::new(),
+            generation: 0,
+        }
+    }
+}
+
+/// Host-wide values one scrape uses for every process.
+struct Host {
+    now: u64,
+    btime_ns: u128,
+    clk_tck: u64,
+    page_size: u64,
+    logical_cpus: u64,
+    mem_total: Option<u64>,
+}
+
+/// The outcome of reading one process.
+enum Outcome {
+    Emitted(Box<opentelemetry_proto::tonic::metrics::v1::ResourceMetrics>),
+    Skipped,
+}
+
+impl Scraper for ProcessScraper {
+    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest) {
+        let entries = match std::fs::read_dir(&self.proc_dir) {
+            Ok(entries) => entries,
+            Err(err) => {
+                let dir = &self.proc_dir;
+                ctx.errors.add(NAME, Reason::Read, false, || {
+                    format!("{}: {err}", dir.display())
+                });
+                return;
+            }
+        };
+        let stat = ctx.host_stat();
+        let m = self.settings.metrics;
+        let mem_total = if m.memory_utilization {
+            std::fs::read(self.proc_dir.join("meminfo"))
+                .ok()
+                .and_then(|b| procfs::meminfo_bytes(&b, b"MemTotal"))
+        } else {
+            None
+        };
+        let host = Host {
+            now: ctx.now,
+            btime_ns: u128::from(stat.btime) * 1_000_000_000,
+            clk_tck: ctx.kernel.clk_tck.max(1),
+            page_size: ctx.kernel.page_size,
+            logical_cpus: stat.logical_cpus.max(1),
+            mem_total,
+        };
+        if self.settings.attributes.owner {
+            self.users.refresh();
+        }
+        self.generation += 1;
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Outcome::Emitted(rm) = self.read_process(pid, &host, ctx) {
+                out.resource_metrics.push(*rm);
+            }
+        }
+        let generation = self.generation;
+        self.previous.retain(|_, s| s.generation == generation);
+    }
+}
+
+impl ProcessScraper {
+    fn read_process(&mut self, pid: u32, host: &Host, ctx: &mut ScrapeContext<'_>) -> Outcome {
+        let s = Arc::clone(&self.settings);
+        let (a, m) = (s.attributes, s.metrics);
+        self.path.set_pid(pid);
+        macro_rules! gone_or {
+            ($err:expr, $reason:expr, $muted:expr, $what:expr) => {{
+                let err = $err;
+                if procfs::is_gone(&err) {
+                    ctx.errors
+                        .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
+                    return Outcome::Skipped;
+                }
+                ctx.errors.add(NAME, $reason, $muted, || {
+                    format!("pid {pid}: {}: {err}", $what)
+                });
+            }};
+        }
+
+        let stat_bytes = match self.stat.read(self.path.file("stat")) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                gone_or!(err, Reason::Name, s.mute_name, "stat");
+                return Outcome::Skipped;
+            }
+        };
+        let Some(stat) = procfs::parse_pid_stat(stat_bytes) else {
+            // A zombie's stat is complete, so an unparsable one is not a race: say so.
+            ctx.errors.add(NAME, Reason::Name, s.mute_name, || {
+                format!("pid {pid}: malformed stat")
+            });
+            return Outcome::Skipped;
+        };
+
+        // The name is `comm`, extended from the command as gopsutil does when the kernel
+        // truncated it, so filters see the same names as with the Collector.
+        let needs_cmdline = a.command || a.command_line || stat.comm.len() >= COMM_MAX;
+        let cmdline: &[u8] = if needs_cmdline {
+            match self.cmdline.read(self.path.file("cmdline")) {
+                Ok(bytes) => bytes,
+                Err(err) => {
+                    gone_or!(err, Reason::Name, s.mute_name, "cmdline");
+                    &[]
+                }
+            }
+        } else {
+            &[]
+        };
+        let name = executable_name(stat.comm, cmdline);
+        if s.include.as_ref().is_some_and(|f| !f.matches(&name))
+            || s.exclude.as_ref().is_some_and(|f| f.matches(&name))
+        {
+            return Outcome::Skipped;
+        }
+
+        let start_ns =
+            host.btime_ns + u128::from(stat.starttime) * 1_000_000_000 / u128::from(host.clk_tck);
+        let start = u64::try_from(start_ns).unwrap_or(u64::MAX);
+        let age = Duration::from_nanos(host.now.saturating_sub(start));
+        if !s.scrape_process_delay.is_zero() && age < s.scrape_process_delay {
+            return Outcome::Skipped;
+        }
+
+        // Kernel threads and zombies have no executable; that is not an error.
+        let no_exe = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
+        let exe = if a.executable_path && !no_exe {
+            match std::fs::read_link(self.path.file("exe")) {
+                Ok(path) => Some(path.to_string_lossy().into_owned()),
+                Err(err) => {
+                    gone_or!(err, Reason::Exe, s.mute_exe, "exe");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        // The owner is the uid owning /proc/PID (one stat call), not `status`'s real uid:
+        // generating `status` costs more than all the other files of a process together.
+        let owner_uid = if a.owner {
+            use std::os::unix::fs::MetadataExt as _;
+            match std::fs::metadata(self.path.file("")) {
+                Ok(meta) => Some(meta.uid()),
+                Err(err) => {
+                    gone_or!(err, Reason::User, s.mute_user, "owner");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let needs_status = m.context_switches || m.signals_pending;
+        let status = if needs_status {
+            match self.status.read(self.path.file("status")) {
+                Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
+                Err(err) => {
+                    gone_or!(err, Reason::Status, false, "status");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let owner = owner_uid.and_then(|uid| {
+            let name = self.users.names.get(&uid).cloned();
+            if name.is_none() {
+                ctx.errors.add(NAME, Reason::User, s.mute_user, || {
+                    format!("pid {pid}: uid {uid} is not in the passwd file")
+                });
+            }
+            name
+        });
+
+        let io = if m.disk_io || m.disk_operations {
+            let read = self.io.read(self.path.file("io"));
+            match read.map(procfs::parse_pid_io) {
+                Ok(Some(io)) => Some(io),
+                Ok(None) => {
+                    ctx.errors.add(NAME, Reason::Io, s.mute_io, || {
+                        format!("pid {pid}: io: no counters")
+                    });
+                    None
+                }
+                Err(err) => {
+                    gone_or!(err, Reason::Io, s.mute_io, "io");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let fds = if m.open_file_descriptors {
+            match std::fs::read_dir(self.path.file("fd")) {
+                Ok(dir) => Some(dir.count() as u64),
+                Err(err) => {
+                    gone_or!(err, Reason::Fd, false, "fd");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        // Everything is read; build the resource and its metrics.
+        let mut resource = Vec::with_capacity(7);
+        if a.pid {
+            resource.push(int_attr("process.pid", i64::from(pid)));
+        }
+        if a.parent_pid {
+            resource.push(int_attr("process.parent_pid", stat.ppid));
+        }
+        if a.executable_name {
+            resource.push(str_attr("process.executable.name", name));
+        }
+        if let Some(exe) = exe {
+            resource.push(str_attr("process.executable.path", exe));
+        }
+        if a.command {
+            resource.push(str_attr("process.command", procfs::command(cmdline)));
+        }
+        if a.command_line {
+            procfs::command_line(cmdline, &mut self.command_line);
+            resource.push(str_attr("process.command_line", self.command_line.as_str()));
+        }
+        if let Some(owner) = owner {
+            resource.push(str_attr("process.owner", owner));
+        }
+
+        let now = host.now;
+        let tick = host.clk_tck as f64;
+        let (user, system, wait) = (
+            stat.utime as f64 / tick,
+            stat.stime as f64 / tick,
+            stat.blkio_ticks as f64 / tick,
+        );
+        let mut metrics: Vec<Metric> = Vec::with_capacity(6);
+        let mut add = |def: &MetricDef, points: &[(f64, Option<(&'static str, &'static str)>)]| {
+            let mut metric = def.new_metric(points.len());
+            for &(value, attr) in points {
+                let attributes = attr.map(|(k, v)| vec![str_attr(k, v)]).unwrap_or_default();
+                push_point(&mut metric, def.point(start, now, value, attributes));
+            }
+            metrics.push(metric);
+        };
+        let state = |v: &'static str| Some(("state", v));
+        let direction = |v: &'static str| Some(("direction", v));
+        let kind = |v: &'static str| Some(("type", v));
+        if m.cpu_time {
+            add(
+                &metadata::PROCESS_CPU_TIME,
+                &[
+                    (user, state("user")),
+                    (system, state("system")),
+                    (wait, state("wait")),
+                ],
+            );
+        }
+        if m.cpu_utilization {
+            let sample = CpuSample {
+                starttime: stat.starttime,
+                time: now,
+                user,
+                system,
+                wait,
+                generation: self.generation,
+            };
+            let before = self.previous.insert(pid, sample);
+            if let Some(before) = before.filter(|b| b.starttime == stat.starttime) {
+                let elapsed = now.saturating_sub(before.time) as f64 / 1e9;
+                if elapsed > 0.0 {
+                    let scale = elapsed * host.logical_cpus as f64;
+                    add(
+                        &metadata::PROCESS_CPU_UTILIZATION,
+                        &[
+                            ((user - before.user) / scale, state("user")),
+                            ((system - before.system) / scale, state("system")),
+                            ((wait - before.wait) / scale, state("wait")),
+                        ],
+                    );
+                }
+            }
+        }
+        let rss = stat.rss_pages.saturating_mul(host.page_size);
+        if m.memory_usage {
+            add(&metadata::PROCESS_MEMORY_USAGE, &[(rss as f64, None)]);
+        }
+        if m.memory_virtual {
+            add(
+                &metadata::PROCESS_MEMORY_VIRTUAL,
+                &[(stat.vsize as f64, None)],
+            );
+        }
+        if let (true, Some(total)) = (m.memory_utilization, host.mem_total.filter(|t| *t > 0)) {
+            // A percentage (0-100), as the Collector reports it despite the unit "1".
+            let percent = 100.0 * rss as f64 / total as f64;
+            add(&metadata::PROCESS_MEMORY_UTILIZATION, &[(percent, None)]);
+        }
+        if let Some(io) = io {
+            if m.disk_io {
+                add(
+                    &metadata::PROCESS_DISK_IO,
+                    &[
+                        (io.read_bytes as f64, direction("read")),
+                        (io.write_bytes as f64, direction("write")),
+                    ],
+                );
+            }
+            if m.disk_operations {
+                add(
+                    &metadata::PROCESS_DISK_OPERATIONS,
+                    &[
+                        (io.syscr as f64, direction("read")),
+                        (io.syscw as f64, direction("write")),
+                    ],
+                );
+            }
+        }
+        if m.paging_faults {
+            add(
+                &metadata::PROCESS_PAGING_FAULTS,
+                &[
+                    (stat.majflt as f64, kind("major")),
+                    (stat.minflt as f64, kind("minor")),
+                ],
+            );
+        }
+        if let (true, Some(status)) = (m.signals_pending, status) {
+            let pending = f64::from(status.shared_pending.count_ones());
+            add(&metadata::PROCESS_SIGNALS_PENDING, &[(pending, None)]);
+        }
+        if m.threads {
+            add(
+                &metadata::PROCESS_THREADS,
+                &[(stat.num_threads as f64, None)],
+            );
+        }
+        if let Some(fds) = fds {
+            add(
+                &metadata::PROCESS_OPEN_FILE_DESCRIPTORS,
+                &[(fds as f64, None)],
+            );
+        }
+        if let (true, Some(status)) = (m.context_switches, status) {
+            add(
+                &metadata::PROCESS_CONTEXT_SWITCHES,
+                &[
+                    (
+                        status.nonvoluntary_ctxt_switches as f64,
+                        kind("involuntary"),
+                    ),
+                    (status.voluntary_ctxt_switches as f64, kind("voluntary")),
+                ],
+            );
+        }
+        if m.uptime {
+            add(&metadata::PROCESS_UPTIME, &[(age.as_secs_f64(), None)]);
+        }
+
+        match super::resource_metrics(
+            NAME,
+            Resource {
+                attributes: resource,
+                ..Default::default()
+            },
+            metrics,
+        ) {
+            Some(rm) => Outcome::Emitted(Box::new(rm)),
+            None => Outcome::Skipped,
+        }
+    }
+}
+
+/// `comm`, or the base name of the command when `comm` is its truncated prefix.
+fn executable_name(comm: &[u8], cmdline: &[u8]) -> String {
+    if comm.len() >= COMM_MAX {
+        let first = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        let base = first.rsplit(|&b| b == b'/').next().unwrap_or_default();
+        if base.starts_with(comm) {
+            return String::from_utf8_lossy(base).into_owned();
+        }
+    }
+    String::from_utf8_lossy(comm).into_owned()
+}

@@ -1,0 +1,623 @@
+//! The scrapers against a fixture `/proc` written into a temp dir at test time (see
+//! [`fixture`]), with exact expected values.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric::Data, number_data_point, AggregationTemporality, NumberDataPoint, ResourceMetrics,
+};
+
+use super::fixture::{self, Process};
+use super::metadata::{self, Kind, ValueType};
+use super::*;
+
+const KERNEL: KernelConstants = KernelConstants {
+    clk_tck: 100,
+    page_size: 4096,
+};
+/// Scrape time: 1,000 s after the fixture's boot.
+const NOW_SECS: u64 = fixture::BTIME + 1000;
+
+fn config(root: &Path, scrapers: &str) -> Arc<HostmetricsConfig> {
+    let yaml = format!(
+        "collection_interval: 1s\nroot_path: {}\nscrapers:\n{scrapers}",
+        root.display()
+    );
+    parse_config(serde_yaml::from_str(&yaml).unwrap()).unwrap()
+}
+
+fn scrape_once(root: &Path, scrapers: &str) -> ScrapeOutput {
+    Scrapers::new(&config(root, scrapers), KERNEL)
+        .scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS))
+}
+
+fn text(kv: &KeyValue) -> String {
+    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn resource_attr(rm: &ResourceMetrics, key: &str) -> Option<String> {
+    rm.resource
+        .as_ref()?
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .map(text)
+}
+
+fn points(rm: &ResourceMetrics) -> Vec<(&str, &NumberDataPoint)> {
+    let mut out = Vec::new();
+    for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+        let list = match &m.data {
+            Some(Data::Sum(s)) => &s.data_points,
+            Some(Data::Gauge(g)) => &g.data_points,
+            _ => continue,
+        };
+        out.extend(list.iter().map(|p| (m.name.as_str(), p)));
+    }
+    out
+}
+
+fn value(p: &NumberDataPoint) -> f64 {
+    match p.value {
+        Some(number_data_point::Value::AsDouble(d)) => d,
+        Some(number_data_point::Value::AsInt(i)) => i as f64,
+        None => f64::NAN,
+    }
+}
+
+/// `metric{attr=value,...}` → value for one resource.
+fn values(rm: &ResourceMetrics) -> BTreeMap<String, f64> {
+    points(rm)
+        .into_iter()
+        .map(|(name, p)| {
+            let attrs: Vec<String> = p
+                .attributes
+                .iter()
+                .map(|kv| format!("{}={}", kv.key, text(kv)))
+                .collect();
+            (format!("{name}{{{}}}", attrs.join(",")), value(p))
+        })
+        .collect()
+}
+
+fn by_pid(output: &ScrapeOutput) -> BTreeMap<i64, &ResourceMetrics> {
+    output
+        .request
+        .resource_metrics
+        .iter()
+        .filter_map(|rm| Some((resource_attr(rm, "process.pid")?.parse().ok()?, rm)))
+        .collect()
+}
+
+const ALL_PROCESS_METRICS: &str = "  process:
+    metrics:
+      process.cpu.utilization: { enabled: true }
+      process.memory.utilization: { enabled: true }
+      process.disk.operations: { enabled: true }
+      process.paging.faults: { enabled: true }
+      process.signals_pending: { enabled: true }
+      process.threads: { enabled: true }
+      process.open_file_descriptors: { enabled: true }
+      process.context_switches: { enabled: true }
+      process.uptime: { enabled: true }
+";
+
+fn odd_processes() -> Vec<Process> {
+    let plain = Process::new(100, "sleep", &["300"]);
+    let mut spaces = Process::new(101, "my app", &["--title", "a b  c"]);
+    spaces.comm = b"my (app) x".to_vec();
+    let mut empty = Process::new(102, "kworker/0:1", &[]);
+    empty.cmdline.clear();
+    empty.exe = None;
+    empty.flags |= procfs::PF_KTHREAD;
+    let mut binary = Process::new(103, "bin", &[]);
+    binary.cmdline = b"/opt/b\xffin\0--x=\xfe\0".to_vec();
+    binary.comm = b"b\xffin".to_vec();
+    let mut no_io = Process::new(104, "secret", &["--quiet"]);
+    no_io.io = None;
+    no_io.exe = None;
+    let mut long = Process::new(105, "containerd-shim-runc-v2", &["-namespace", "k8s.io"]);
+    long.shared_pending = 0b101;
+    vec![plain, spaces, empty, binary, no_io, long]
+}
+
+#[test]
+fn every_process_metric_has_its_exact_value() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), &odd_processes()).unwrap();
+    let output = scrape_once(dir.path(), ALL_PROCESS_METRICS);
+    let procs = by_pid(&output);
+    assert_eq!(
+        procs.keys().copied().collect::<Vec<_>>(),
+        vec![100, 101, 102, 103, 104, 105]
+    );
+
+    let sleep = procs[&100];
+    let expected: BTreeMap<String, f64> = [
+        ("process.cpu.time{state=user}", 2.5),
+        ("process.cpu.time{state=system}", 1.25),
+        ("process.cpu.time{state=wait}", 0.05),
+        ("process.memory.usage{}", 300.0 * 4096.0),
+        ("process.memory.virtual{}", 10.0 * 1024.0 * 1024.0),
+        (
+            "process.memory.utilization{}",
+            100.0 * 300.0 * 4096.0 / (fixture::MEM_TOTAL_KB as f64 * 1024.0),
+        ),
+        ("process.disk.io{direction=read}", 4096.0),
+        ("process.disk.io{direction=write}", 8192.0),
+        ("process.disk.operations{direction=read}", 7.0),
+        ("process.disk.operations{direction=write}", 9.0),
+        ("process.paging.faults{type=major}", 3.0),
+        ("process.paging.faults{type=minor}", 11.0),
+        ("process.signals_pending{}", 0.0),
+        ("process.threads{}", 4.0),
+        ("process.open_file_descriptors{}", 3.0),
+        ("process.context_switches{type=involuntary}", 2.0),
+        ("process.context_switches{type=voluntary}", 21.0),
+        // Started 100 s after boot (10,000 ticks), scraped 1,000 s after boot.
+        ("process.uptime{}", 900.0),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    // No utilization on the first scrape, as in the Collector.
+    assert_eq!(values(sleep), expected);
+    let attr = |pid: i64, key: &str| resource_attr(procs[&pid], key);
+    assert_eq!(attr(100, "process.parent_pid").as_deref(), Some("1"));
+    assert_eq!(
+        attr(100, "process.executable.name").as_deref(),
+        Some("sleep")
+    );
+    assert_eq!(
+        attr(100, "process.executable.path").as_deref(),
+        Some("/usr/bin/sleep")
+    );
+    assert_eq!(
+        attr(100, "process.command").as_deref(),
+        Some("/usr/bin/sleep")
+    );
+    assert_eq!(
+        attr(100, "process.command_line").as_deref(),
+        Some("/usr/bin/sleep 300")
+    );
+    assert_eq!(attr(100, "process.owner").as_deref(), Some("app"));
+    let start = (fixture::BTIME + 100) * 1_000_000_000;
+    for (name, p) in points(sleep) {
+        let def = metadata::find(name).unwrap();
+        let expected_start = if matches!(def.kind, Kind::Gauge) {
+            0
+        } else {
+            start
+        };
+        assert_eq!(p.start_time_unix_nano, expected_start, "{name}");
+        assert_eq!(p.time_unix_nano, NOW_SECS * 1_000_000_000, "{name}");
+    }
+
+    // Spaces and parentheses in the name, spaces inside an argument.
+    assert_eq!(
+        attr(101, "process.executable.name").as_deref(),
+        Some("my (app) x")
+    );
+    assert_eq!(
+        attr(101, "process.command_line").as_deref(),
+        Some("/usr/bin/my app --title a b  c")
+    );
+    // A kernel thread: empty command line, no executable, not an error.
+    assert_eq!(attr(102, "process.command_line").as_deref(), Some(""));
+    assert_eq!(attr(102, "process.command").as_deref(), Some(""));
+    assert_eq!(attr(102, "process.executable.path"), None);
+    // Bytes that are not UTF-8 become U+FFFD.
+    assert_eq!(
+        attr(103, "process.command_line").as_deref(),
+        Some("/opt/b\u{fffd}in --x=\u{fffd}")
+    );
+    assert_eq!(
+        attr(103, "process.executable.name").as_deref(),
+        Some("b\u{fffd}in")
+    );
+    // Unreadable io and exe: those are left out, the rest is there.
+    let secret = values(procs[&104]);
+    assert!(
+        !secret.keys().any(|k| k.starts_with("process.disk.")),
+        "{secret:?}"
+    );
+    assert_eq!(secret["process.cpu.time{state=user}"], 2.5);
+    assert_eq!(attr(104, "process.executable.path"), None);
+    assert_eq!(attr(104, "process.owner").as_deref(), Some("app"));
+    assert_eq!(
+        attr(104, "process.command_line").as_deref(),
+        Some("/usr/bin/secret --quiet")
+    );
+    // A name the kernel truncated to 15 bytes is completed from the command.
+    assert_eq!(
+        attr(105, "process.executable.name").as_deref(),
+        Some("containerd-shim-runc-v2")
+    );
+    assert_eq!(values(procs[&105])["process.signals_pending{}"], 2.0);
+
+    let e = &output.errors;
+    assert_eq!(e.count("process", Reason::Io), 1);
+    assert_eq!(e.count("process", Reason::Exe), 1);
+    assert_eq!(e.count("process", Reason::Vanished), 0);
+    assert_eq!(e.counts.len(), 2, "{e:?}");
+}
+
+#[test]
+fn an_owner_missing_from_passwd_is_left_out_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(
+        dir.path(),
+        &[Process::new(100, "a", &[]), Process::new(101, "b", &[])],
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("etc/passwd"),
+        "nobody:x:65534:65534::/:/bin/false\n",
+    )
+    .unwrap();
+    let output = scrape_once(dir.path(), "  process: { mute_process_user_error: true }\n");
+    for rm in &output.request.resource_metrics {
+        assert_eq!(resource_attr(rm, "process.owner"), None);
+        assert!(resource_attr(rm, "process.command_line").is_some());
+    }
+    assert_eq!(output.errors.count("process", Reason::User), 2);
+    assert!(output.errors.counts.values().all(|c| c.muted));
+}
+
+#[test]
+fn a_vanished_process_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), &[Process::new(100, "sleep", &["1"])]).unwrap();
+    // Listed, but its files are gone: it exited between the listing and the read.
+    std::fs::create_dir_all(dir.path().join("proc/200")).unwrap();
+    // Its exe link and io went away after its stat was read.
+    let mut late = Process::new(300, "late", &[]);
+    late.io = None;
+    fixture::write(dir.path(), &[late]).unwrap();
+    std::fs::remove_dir(dir.path().join("proc/300/io")).unwrap();
+    let output = scrape_once(dir.path(), "  process: {}\n");
+    assert_eq!(
+        by_pid(&output).keys().copied().collect::<Vec<_>>(),
+        vec![100]
+    );
+    assert_eq!(output.errors.count("process", Reason::Vanished), 2);
+    assert!(output.errors.counts.values().all(|c| c.muted));
+}
+
+#[test]
+fn cpu_utilization_comes_from_the_second_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::new(100, "busy", &[]);
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    let config = config(
+        dir.path(),
+        "  process: { metrics: { process.cpu.utilization: { enabled: true } } }\n",
+    );
+    let mut scrapers = Scrapers::new(&config, KERNEL);
+    let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+    let first = scrapers.scrape(at(NOW_SECS));
+    assert!(!values(by_pid(&first)[&100])
+        .keys()
+        .any(|k| k.contains("utilization")));
+    // 10 s later: +5 s user, +1 s system on 2 CPUs.
+    p.utime += 500;
+    p.stime += 100;
+    fixture::write(dir.path(), &[p]).unwrap();
+    let second = scrapers.scrape(at(NOW_SECS + 10));
+    let v = values(by_pid(&second)[&100]);
+    assert_eq!(v["process.cpu.utilization{state=user}"], 0.25);
+    assert_eq!(v["process.cpu.utilization{state=system}"], 0.05);
+    assert_eq!(v["process.cpu.utilization{state=wait}"], 0.0);
+}
+
+#[test]
+fn include_exclude_and_switches() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(
+        dir.path(),
+        &[
+            Process::new(1, "systemd", &[]),
+            Process::new(2, "java", &[]),
+            Process::new(3, "javac", &[]),
+        ],
+    )
+    .unwrap();
+    let pids = |scrapers: &str| -> Vec<i64> {
+        by_pid(&scrape_once(dir.path(), scrapers))
+            .keys()
+            .copied()
+            .collect()
+    };
+    assert_eq!(
+        pids("  process: { include: { names: [java], match_type: strict } }\n"),
+        vec![2]
+    );
+    assert_eq!(
+        pids("  process: { include: { names: [java], match_type: regexp } }\n"),
+        vec![2, 3]
+    );
+    assert_eq!(
+        pids("  process: { exclude: { names: ['^java'], match_type: regexp } }\n"),
+        vec![1]
+    );
+    let output = scrape_once(
+        dir.path(),
+        "  process:
+    resource_attributes: { process.pid: { enabled: false }, process.command_line: { enabled: false } }
+    metrics: { process.disk.io: { enabled: false }, process.threads: { enabled: true } }
+",
+    );
+    let rm = &output.request.resource_metrics[0];
+    assert_eq!(resource_attr(rm, "process.pid"), None);
+    assert_eq!(resource_attr(rm, "process.command_line"), None);
+    assert!(resource_attr(rm, "process.owner").is_some());
+    let names: Vec<&str> = points(rm).iter().map(|(n, _)| *n).collect();
+    assert!(names.contains(&"process.threads"));
+    assert!(!names.contains(&"process.disk.io"));
+}
+
+#[test]
+fn host_scrapers_read_exact_values() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), &[]).unwrap();
+    let output = scrape_once(
+        dir.path(),
+        "  cpu: { metrics: { system.cpu.logical.count: { enabled: true } } }
+  memory: {}
+  load: {}
+  network: { exclude: { interfaces: [lo], match_type: strict } }
+",
+    );
+    let all: BTreeMap<String, f64> = output
+        .request
+        .resource_metrics
+        .iter()
+        .flat_map(values)
+        .collect();
+    assert_eq!(all["system.cpu.time{cpu=cpu0,state=user}"], 1.5);
+    assert_eq!(all["system.cpu.time{cpu=cpu1,state=steal}"], 0.02);
+    assert_eq!(all["system.cpu.time{cpu=cpu0,state=wait}"], 0.2);
+    assert_eq!(all["system.cpu.time{cpu=cpu1,state=idle}"], 25.0);
+    assert_eq!(all["system.cpu.logical.count{}"], 2.0);
+    assert_eq!(
+        all.keys()
+            .filter(|k| k.starts_with("system.cpu.time"))
+            .count(),
+        16
+    );
+    let kb = 1024.0;
+    assert_eq!(all["system.memory.usage{state=free}"], 1_000_000.0 * kb);
+    assert_eq!(all["system.memory.usage{state=cached}"], 2_200_000.0 * kb);
+    assert_eq!(
+        all["system.memory.usage{state=used}"],
+        (fixture::MEM_TOTAL_KB as f64 - 1_000_000.0 - 100_000.0 - 2_200_000.0) * kb
+    );
+    assert_eq!(
+        all["system.memory.usage{state=slab_unreclaimable}"],
+        50_000.0 * kb
+    );
+    assert_eq!(all["system.cpu.load_average.1m{}"], 0.5);
+    assert_eq!(all["system.cpu.load_average.15m{}"], 2.0);
+    assert_eq!(
+        all["system.network.io{device=eth0,direction=receive}"],
+        50000.0
+    );
+    assert_eq!(
+        all["system.network.packets{device=eth0,direction=transmit}"],
+        300.0
+    );
+    assert_eq!(
+        all["system.network.errors{device=eth0,direction=transmit}"],
+        3.0
+    );
+    assert_eq!(
+        all["system.network.dropped{device=eth0,direction=receive}"],
+        2.0
+    );
+    assert!(!all.keys().any(|k| k.contains("device=lo")));
+    assert!(output.errors.counts.is_empty(), "{:?}", output.errors);
+
+    let averaged = scrape_once(dir.path(), "  load: { cpu_average: true }\n");
+    let v: BTreeMap<String, f64> = averaged
+        .request
+        .resource_metrics
+        .iter()
+        .flat_map(values)
+        .collect();
+    assert_eq!(v["system.cpu.load_average.15m{}"], 1.0);
+}
+
+/// Every metric in the output carries the metadata of the one table, which is also the
+/// table in docs/hostmetrics.md.
+#[test]
+fn output_has_the_collectors_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), &odd_processes()).unwrap();
+    let config = config(
+        dir.path(),
+        &format!(
+            "  cpu: {{ metrics: {{ system.cpu.logical.count: {{ enabled: true }} }} }}\n  memory: {{ metrics: {{ system.memory.utilization: {{ enabled: true }} }} }}\n  load: {{}}\n  network: {{}}\n{ALL_PROCESS_METRICS}"
+        ),
+    );
+    let mut scrapers = Scrapers::new(&config, KERNEL);
+    scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS));
+    let output = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + 10));
+    let mut seen = std::collections::BTreeSet::new();
+    for rm in &output.request.resource_metrics {
+        assert_eq!(rm.schema_url, SCHEMA_URL);
+        for sm in &rm.scope_metrics {
+            let scope = sm.scope.as_ref().unwrap();
+            for m in &sm.metrics {
+                let def =
+                    metadata::find(&m.name).unwrap_or_else(|| panic!("{} undeclared", m.name));
+                assert!(
+                    scope.name.ends_with(&format!("/{}scraper", def.scraper)),
+                    "{}",
+                    m.name
+                );
+                assert_eq!(m.unit, def.unit, "{}", m.name);
+                assert_eq!(m.description, def.description, "{}", m.name);
+                let points = match (&m.data, def.kind) {
+                    (Some(Data::Sum(s)), Kind::Sum { monotonic }) => {
+                        assert_eq!(s.is_monotonic, monotonic, "{}", m.name);
+                        assert_eq!(
+                            s.aggregation_temporality,
+                            AggregationTemporality::Cumulative as i32,
+                            "{}",
+                            m.name
+                        );
+                        &s.data_points
+                    }
+                    (Some(Data::Gauge(g)), Kind::Gauge) => &g.data_points,
+                    (data, kind) => panic!("{}: {kind:?} declared, {data:?} emitted", m.name),
+                };
+                for p in points {
+                    let ok = matches!(
+                        (p.value, def.value),
+                        (Some(number_data_point::Value::AsInt(_)), ValueType::Int)
+                            | (
+                                Some(number_data_point::Value::AsDouble(_)),
+                                ValueType::Double
+                            )
+                    );
+                    assert!(ok, "{}: value type", m.name);
+                    let keys: Vec<&str> = p.attributes.iter().map(|kv| kv.key.as_str()).collect();
+                    assert_eq!(keys, def.attributes, "{}", m.name);
+                }
+                seen.insert(m.name.clone());
+            }
+        }
+    }
+    let declared: std::collections::BTreeSet<String> = metadata::METRICS
+        .iter()
+        .map(|d| d.name.to_string())
+        .collect();
+    assert_eq!(seen, declared, "every declared metric was emitted");
+}
+
+#[test]
+fn docs_metrics_table_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/hostmetrics.md");
+    let doc = std::fs::read_to_string(path).unwrap_or_default();
+    let table = metadata::reference_markdown();
+    let current = doc
+        .split_once(metadata::TABLE_BEGIN)
+        .and_then(|(before, rest)| {
+            let (_, after) = rest.split_once(metadata::TABLE_END)?;
+            Some((before.to_string(), after.to_string()))
+        });
+    if std::env::var_os("PHOENIX_BLESS").is_some() {
+        if let Some((before, after)) = &current {
+            std::fs::write(path, format!("{before}{table}{after}")).unwrap();
+        }
+    }
+    let doc = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        doc.contains(&table),
+        "docs/hostmetrics.md's metrics table is stale: run `PHOENIX_BLESS=1 cargo test -p phoenix-agent --lib docs_metrics_table_is_current`"
+    );
+}
+
+fn issues(yaml: &str) -> Vec<Issue> {
+    parse_config(serde_yaml::from_str(yaml).unwrap())
+        .err()
+        .unwrap_or_default()
+}
+
+#[test]
+fn config_defaults_and_errors_name_their_keys() {
+    let config = parse_config(serde_yaml::from_str("scrapers: { process: }").unwrap()).unwrap();
+    assert_eq!(config.collection_interval, DEFAULT_COLLECTION_INTERVAL);
+    assert_eq!(config.initial_delay, DEFAULT_INITIAL_DELAY);
+    assert_eq!(config.proc_dir(), Path::new("/proc"));
+    let hostfs =
+        parse_config(serde_yaml::from_str("root_path: /hostfs\nscrapers: { load: }").unwrap())
+            .unwrap();
+    assert_eq!(hostfs.proc_dir(), Path::new("/hostfs/proc"));
+
+    let paths = |yaml: &str| issues(yaml).into_iter().map(|i| i.path).collect::<Vec<_>>();
+    assert_eq!(paths("scrapers: {}"), vec!["scrapers"]);
+    assert_eq!(
+        paths("collection_interval: 0s\nscrapers: { cpu: }"),
+        vec!["collection_interval"]
+    );
+    assert_eq!(
+        paths("root_path: hostfs\nscrapers: { cpu: }"),
+        vec!["root_path"]
+    );
+    let found = issues("scrapers: { disk: {}, gpu: {} }");
+    assert_eq!(found[0].path, "scrapers.disk");
+    assert!(found[0].message.contains("not supported"));
+    assert!(found[1].message.contains("unknown scraper"));
+    assert_eq!(
+        paths("scrapers: { process: { metrics: { process.cpu.tim: { enabled: true } } } }"),
+        vec!["scrapers.process.metrics.process.cpu.tim"]
+    );
+    assert_eq!(
+        paths(
+            "scrapers: { process: { resource_attributes: { process.cgroup: { enabled: true } } } }"
+        ),
+        vec!["scrapers.process.resource_attributes.process.cgroup"]
+    );
+    assert_eq!(
+        paths("scrapers: { process: { include: { names: ['('], match_type: regexp } } }"),
+        vec!["scrapers.process.include.names[0]"]
+    );
+    assert_eq!(
+        paths("scrapers: { process: { include: { names: [a], match_type: glob } } }"),
+        vec!["scrapers.process.include.match_type"]
+    );
+    assert_eq!(
+        paths("scrapers: { network: { include: { interfaces: [] } } }"),
+        vec!["scrapers.network.include.interfaces"]
+    );
+    assert_eq!(
+        paths("scrapers: { cpu: { percpu: true } }"),
+        vec!["scrapers.cpu.percpu"]
+    );
+    // The Collector's keys are accepted.
+    assert!(issues(
+        "collection_interval: 10s
+root_path: /hostfs
+scrapers:
+  process:
+    include: { names: [java], match_type: strict }
+    exclude: { names: ['^k'], match_type: regexp }
+    mute_process_name_error: true
+    mute_process_exe_error: true
+    mute_process_io_error: true
+    mute_process_user_error: true
+    scrape_process_delay: 10s
+    resource_attributes: { process.pid: { enabled: false } }
+    metrics: { process.threads: { enabled: true } }
+"
+    )
+    .is_empty());
+}
+
+#[test]
+fn reconfigure_keeps_unchanged_scrapers() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), &[Process::new(100, "busy", &[])]).unwrap();
+    let util = "  process: { metrics: { process.cpu.utilization: { enabled: true } } }\n";
+    let mut scrapers = Scrapers::new(&config(dir.path(), util), KERNEL);
+    scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS));
+    // Adding a scraper keeps the process scraper and its previous CPU times.
+    scrapers.reconfigure(&config(dir.path(), &format!("{util}  load: {{}}\n")));
+    let out = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + 10));
+    let all: BTreeMap<String, f64> = out
+        .request
+        .resource_metrics
+        .iter()
+        .flat_map(values)
+        .collect();
+    assert!(all.contains_key("process.cpu.utilization{state=user}"));
+    assert!(all.contains_key("system.cpu.load_average.1m{}"));
+}
