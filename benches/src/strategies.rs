@@ -390,11 +390,17 @@ mod tests {
     fn every_strategy_conserves_totals_and_keeps_protected_processes() {
         for name in ["conservative", "balanced", "aggressive"] {
             let report = evaluate(&config(name), FLEET, PROTECTED).unwrap();
-            assert!(report.cpu_in > 0.0 && report.memory_in > 0.0, "{name}: {report:?}");
+            assert!(
+                report.cpu_in > 0.0 && report.memory_in > 0.0,
+                "{name}: {report:?}"
+            );
             assert!(report.cpu_error() <= 0.001, "{name}: cpu {report:?}");
             assert!(report.memory_error() <= 0.001, "{name}: memory {report:?}");
             assert!(report.protected > 0, "{name}: {report:?}");
-            assert_eq!(report.protected_kept, report.protected, "{name}: {report:?}");
+            assert_eq!(
+                report.protected_kept, report.protected,
+                "{name}: {report:?}"
+            );
             assert!(report.series_reduction() > 0.5, "{name}: {report:?}");
         }
     }

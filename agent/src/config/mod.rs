@@ -574,7 +574,9 @@ pipelines:
             ]
         );
         let found = issues(&yaml);
-        assert!(found[0].message.contains("unknown processor type \"sample\""));
+        assert!(found[0]
+            .message
+            .contains("unknown processor type \"sample\""));
         assert!(found[1]
             .message
             .contains("\"filter/missing\" is not defined"));
