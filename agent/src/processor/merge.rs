@@ -821,6 +821,8 @@ pub struct Aggregator {
     scopes: AHashMap<Fp, Arc<InstrumentationScope>>,
     descriptors: AHashMap<Fp, Arc<Descriptor>>,
     interval_start: u64,
+    /// When the engine was made: no output starts before.
+    created: u64,
     generation: u64,
     next_seq: u64,
 }
@@ -843,6 +845,7 @@ impl Aggregator {
             scopes: AHashMap::new(),
             descriptors: AHashMap::new(),
             interval_start: start_unix_nano,
+            created: start_unix_nano,
             generation: 0,
             next_seq: 0,
         }
@@ -1555,7 +1558,9 @@ impl Aggregator {
         let interval_start = self.interval_start;
         for (fp, output) in self.outputs.iter_mut() {
             if !output.emitted {
-                output.start = output.start.min(time);
+                // A fresh engine (a new processor, or a changed config) begins new series:
+                // a start before it would claim continuity with whatever was emitted before.
+                output.start = output.start.max(self.created).min(time);
             }
             let start = match temporality {
                 Temporality::Cumulative => output.start,
@@ -2356,10 +2361,8 @@ mod tests {
         let points = counter_story(Temporality::Cumulative);
         let values: Vec<_> = points.iter().map(|p| p.value.unwrap()).collect();
         assert_eq!(values, [15, 22, 31, 33, 33, 43].map(int));
-        // A stable start: the earliest member's.
-        assert!(points
-            .iter()
-            .all(|p| p.start_time_unix_nano == T0 - 100 * SEC));
+        // A stable start: the engine's (its members started earlier, before it existed).
+        assert!(points.iter().all(|p| p.start_time_unix_nano == T0));
     }
 
     #[test]
@@ -2625,7 +2628,9 @@ mod tests {
                         (second.count, second.sum, second.bucket_counts),
                         (8, Some(16.5), vec![3, 4, 1])
                     );
-                    assert_eq!(second.start_time_unix_nano, s0);
+                    // The engine's start, after the members' (s0).
+                    assert!(s0 < T0);
+                    assert_eq!(second.start_time_unix_nano, T0);
                 }
                 Temporality::Delta => {
                     assert_eq!(
