@@ -96,6 +96,8 @@ pub struct Host {
 pub struct ProcessWorkload {
     hosts: Vec<Host>,
     hosts_per_request: usize,
+    /// Time of the first scrape, in Unix seconds.
+    base_time_s: u64,
 }
 
 /// One request, encoded once up front.
@@ -140,7 +142,18 @@ impl ProcessWorkload {
         Ok(Self {
             hosts,
             hosts_per_request,
+            base_time_s: BASE_TIME_UNIX_S,
         })
+    }
+
+    /// The same fleet with its first scrape at `unix_s` instead of [`BASE_TIME_UNIX_S`].
+    pub fn starting_at(mut self, unix_s: u64) -> Self {
+        self.base_time_s = unix_s;
+        self
+    }
+
+    pub fn base_time_s(&self) -> u64 {
+        self.base_time_s
     }
 
     pub fn hosts(&self) -> &[Host] {
@@ -163,10 +176,9 @@ impl ProcessWorkload {
         let resource_metrics = self.hosts[start..end]
             .iter()
             .flat_map(|host| {
-                host.processes
-                    .iter()
-                    .enumerate()
-                    .map(move |(slot, p)| scrape_process(&host.name, slot, p, round))
+                host.processes.iter().enumerate().map(move |(slot, p)| {
+                    scrape_process(self.base_time_s, &host.name, slot, p, round)
+                })
             })
             .collect();
         ExportMetricsServiceRequest { resource_metrics }
@@ -199,7 +211,7 @@ pub fn process_request(seed: u64, min_points: usize) -> ExportMetricsServiceRequ
             .processes
             .iter()
             .enumerate()
-            .map(|(slot, p)| scrape_process(&host.name, slot, p, 0))
+            .map(|(slot, p)| scrape_process(BASE_TIME_UNIX_S, &host.name, slot, p, 0))
             .collect(),
     }
 }
@@ -486,9 +498,15 @@ fn identity(slot: usize, p: &Process, round: u64) -> (i64, u64) {
     }
 }
 
-fn scrape_process(host: &str, slot: usize, p: &Process, round: u64) -> ResourceMetrics {
+fn scrape_process(
+    base_time_s: u64,
+    host: &str,
+    slot: usize,
+    p: &Process,
+    round: u64,
+) -> ResourceMetrics {
     let (pid, age_s) = identity(slot, p, round);
-    let time_s = BASE_TIME_UNIX_S + round * SCRAPE_INTERVAL_S;
+    let time_s = base_time_s + round * SCRAPE_INTERVAL_S;
     let time = time_s * NANOS;
     let start = time_s.saturating_sub(age_s) * NANOS;
     let age = age_s as f64;

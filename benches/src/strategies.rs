@@ -19,7 +19,7 @@ use phoenix_agent::otlp::{ExportMetricsServiceRequest, Payload};
 use phoenix_agent::processor::{self, Processor};
 use prost::Message;
 
-use crate::{ProcessWorkload, BASE_TIME_UNIX_S, SCRAPE_INTERVAL_S};
+use crate::{ProcessWorkload, SCRAPE_INTERVAL_S};
 
 const NANOS: u64 = 1_000_000_000;
 
@@ -124,7 +124,14 @@ pub fn evaluate(path: &Path, fleet: Fleet, protected: &[&str]) -> Result<Report>
         bail!("warm_up must leave at least one measured round");
     }
 
-    let workload = ProcessWorkload::new(fleet.seed, fleet.hosts, fleet.processes, 2)?;
+    // Scrapes start now, after the processors were made, as they would on a live node: a
+    // process started since is new to them and counts in full.
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() + 1);
+    let workload =
+        ProcessWorkload::new(fleet.seed, fleet.hosts, fleet.processes, 2)?.starting_at(now_s);
+    let base = workload.base_time_s();
     let per_round = workload.requests_per_round();
     let clock = Instant::now();
     let mut baseline = Tally::default();
@@ -133,7 +140,7 @@ pub fn evaluate(path: &Path, fleet: Fleet, protected: &[&str]) -> Result<Report>
     let mut protected_seen = HashSet::new();
     for round in 0..fleet.rounds {
         let measured = round >= fleet.warm_up;
-        let window_start = data_time(round.saturating_sub(1));
+        let window_start = data_time(base, round.saturating_sub(1));
         let mut input = Vec::with_capacity(per_round);
         for group in 0..per_round {
             input.push(workload.request(round * per_round + group));
@@ -195,9 +202,9 @@ pub fn evaluate(path: &Path, fleet: Fleet, protected: &[&str]) -> Result<Report>
     })
 }
 
-/// The data time of scrape `round` in the workload's clock, in nanoseconds.
-fn data_time(round: usize) -> u64 {
-    (BASE_TIME_UNIX_S + round as u64 * SCRAPE_INTERVAL_S) * NANOS
+/// The data time of scrape `round` of a workload starting at `base` (Unix seconds), in ns.
+fn data_time(base: u64, round: usize) -> u64 {
+    (base + round as u64 * SCRAPE_INTERVAL_S) * NANOS
 }
 
 fn run_stages(
