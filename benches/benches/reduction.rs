@@ -1,17 +1,22 @@
 //! The reduction processors in steady state on the process workload: one node's scrape (300
 //! processes, 2,700 data points) per batch, after a few windows have filled their state.
-//! Also prints the memory each keeps per tracked input series (RSS growth over a fleet of
-//! 54,000 series, divided by them, after a warm-up pass: an estimate, to a few tens of bytes).
+//! Also prints the memory each keeps per input series: the heap it still holds after one pass
+//! over a fleet of 54,000 series (counted by an instrumented allocator), divided by them.
 
 // The inputs are built by the bench itself; a failure is a bug worth a panic.
 #![allow(clippy::expect_used)]
 
+use std::alloc::System;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use phoenix_agent::otlp::{ExportMetricsServiceRequest, Payload};
 use phoenix_agent::processor::Processor;
 use phoenix_bench::{build_processor, ProcessWorkload};
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const CASES: &[(&str, &str)] = &[
     (
@@ -50,11 +55,14 @@ fn feed(processor: &mut Box<dyn Processor>, input: &[ExportMetricsServiceRequest
     }
 }
 
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+/// Heap bytes `work` allocated and did not free: what the processor it builds keeps.
+fn retained<T>(work: impl FnOnce() -> T) -> (T, i64) {
+    let region = Region::new(GLOBAL);
+    let kept = work();
+    let stats = region.change();
+    let net = stats.bytes_allocated as i64 - stats.bytes_deallocated as i64
+        + stats.bytes_reallocated as i64;
+    (kept, net)
 }
 
 fn reduction(c: &mut Criterion) {
@@ -86,41 +94,82 @@ fn reduction(c: &mut Criterion) {
             })
         });
     }
+    // deltatocumulative needs delta input: the workload through cumulativetodelta.
+    let mut to_delta = build_processor("cumulativetodelta", "{}").expect("valid config");
+    let mut deltas = Vec::new();
+    for request in &node {
+        let mut out = Vec::new();
+        to_delta
+            .process(Payload::Decoded(request.clone()), &mut out)
+            .expect("processes");
+        for payload in out {
+            deltas.push(payload.into_request().expect("decodes"));
+        }
+    }
+    let mut to_cumulative = build_processor("deltatocumulative", "{}").expect("valid config");
+    feed(&mut to_cumulative, &deltas[..5]);
+    let mut out = Vec::new();
+    let mut next = 5;
+    group.bench_function("deltatocumulative", |b| {
+        b.iter_custom(|iterations| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iterations {
+                let request = Payload::Decoded(deltas[next % deltas.len()].clone());
+                next += 1;
+                let started = Instant::now();
+                to_cumulative.process(request, &mut out).expect("processes");
+                spent += started.elapsed();
+                out.clear();
+            }
+            spent
+        })
+    });
     group.finish();
 
-    // Memory per tracked series: one pass over a 20-host fleet (54,000 input series).
+    // Memory per input series: one pass over a 20-host fleet (54,000 input series).
     let fleet = rounds(20, 3);
     let series = phoenix_agent::otlp::data_points(&fleet[0]);
-    // Kept alive, so that what one frees is not counted again for the next.
-    let mut alive = Vec::new();
-    // A first pass through the stateless classify grows the heap by what a pass needs
-    // anyway (request copies), so that what follows is state only.
-    let (warm_id, warm_yaml) = CASES[0];
-    let mut warm = build_processor(warm_id, warm_yaml).expect("valid config");
-    let mut out = Vec::new();
-    for request in &fleet {
-        warm.process(Payload::Decoded(request.clone()), &mut out)
-            .expect("processes");
-        out.clear();
-    }
+    let report = |id: &str, bytes: i64| {
+        println!(
+            "state {id}: {:.0} bytes per input series ({series} series, {:.1} MiB held)",
+            bytes as f64 / series as f64,
+            bytes as f64 / 1048576.0
+        );
+    };
     for (id, yaml) in CASES {
-        let before = rss_bytes();
-        let mut processor = build_processor(id, yaml).expect("valid config");
-        let mut out = Vec::new();
-        for request in &fleet {
+        let (processor, bytes) = retained(|| {
+            let mut processor = build_processor(id, yaml).expect("valid config");
+            let mut out = Vec::new();
+            for request in &fleet {
+                let input = Payload::Decoded(request.clone());
+                processor.process(input, &mut out).expect("processes");
+                out.clear();
+            }
             processor
-                .process(Payload::Decoded(request.clone()), &mut out)
-                .expect("processes");
+        });
+        report(id, bytes);
+        drop(processor);
+    }
+    // deltatocumulative keeps state for delta series: the fleet through cumulativetodelta
+    // first, outside the measurement.
+    let mut to_delta = build_processor("cumulativetodelta", "{}").expect("valid config");
+    let mut fleet_deltas = Vec::new();
+    for request in rounds(20, 4) {
+        to_delta
+            .process(Payload::Decoded(request), &mut fleet_deltas)
+            .expect("processes");
+    }
+    let (processor, bytes) = retained(|| {
+        let mut processor = build_processor("deltatocumulative", "{}").expect("valid config");
+        let mut out = Vec::new();
+        for payload in &fleet_deltas {
+            processor.process(payload.clone(), &mut out).expect("processes");
             out.clear();
         }
-        let grown = rss_bytes().saturating_sub(before);
-        println!(
-            "state {id}: {:.0} bytes per input series ({series} series, RSS +{:.1} MiB)",
-            grown as f64 / series as f64,
-            grown as f64 / 1048576.0
-        );
-        alive.push(processor);
-    }
+        processor
+    });
+    report("deltatocumulative", bytes);
+    drop(processor);
 }
 
 criterion_group!(benches, reduction);
