@@ -163,7 +163,9 @@ fn reduction(c: &mut Criterion) {
         let mut processor = build_processor("deltatocumulative", "{}").expect("valid config");
         let mut out = Vec::new();
         for payload in &fleet_deltas {
-            processor.process(payload.clone(), &mut out).expect("processes");
+            processor
+                .process(payload.clone(), &mut out)
+                .expect("processes");
             out.clear();
         }
         processor
