@@ -140,7 +140,10 @@ pub fn evaluate(path: &Path, fleet: Fleet, protected: &[&str]) -> Result<Report>
         }
         let mut output = Vec::new();
         for request in &input {
-            output.extend(run_stages(&mut stages, vec![Payload::Decoded(request.clone())])?);
+            output.extend(run_stages(
+                &mut stages,
+                vec![Payload::Decoded(request.clone())],
+            )?);
         }
         // The window ends: fire whatever is due by then, once per due deadline.
         let window_end = clock + Duration::from_secs(SCRAPE_INTERVAL_S * (round as u64 + 1));
@@ -204,7 +207,9 @@ fn run_stages(
     for stage in stages {
         let mut next = Vec::new();
         for payload in payloads {
-            stage.process(payload, &mut next).context("processor failed")?;
+            stage
+                .process(payload, &mut next)
+                .context("processor failed")?;
         }
         payloads = next;
     }
@@ -224,7 +229,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn window(&mut self, requests: &[ExportMetricsServiceRequest], measured: bool, window_start: u64) {
+    fn window(
+        &mut self,
+        requests: &[ExportMetricsServiceRequest],
+        measured: bool,
+        window_start: u64,
+    ) {
         let mut series = HashSet::new();
         let mut points = 0;
         let mut bytes = 0;
@@ -232,7 +242,11 @@ impl Tally {
         for request in requests {
             bytes += request.encoded_len() as u64;
             for rm in &request.resource_metrics {
-                let resource = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or(&[]);
+                let resource = rm
+                    .resource
+                    .as_ref()
+                    .map(|r| r.attributes.as_slice())
+                    .unwrap_or(&[]);
                 let resource_key = key(resource);
                 for sm in &rm.scope_metrics {
                     for metric in &sm.metrics {
