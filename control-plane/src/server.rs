@@ -1,0 +1,193 @@
+//! `phoenix-control-plane`: `serve` (gRPC and REST on one listener) and `token create`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use phoenix_proto::v1::agent_service_server::AgentServiceServer;
+use phoenix_proto::v1::fleet_service_server::FleetServiceServer;
+use phoenix_proto::v1::rollout_service_server::RolloutServiceServer;
+
+use crate::auth::Role;
+use crate::grpc::Grpc;
+use crate::service::{ControlPlane, Settings};
+use crate::store::sqlite::SqliteStore;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "phoenix-control-plane",
+    version,
+    about = "Phoenix control plane: fleet, config rollouts in waves with automatic rollback"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serves gRPC (agents, FleetService, RolloutService) and REST (/api/v1/) on one address.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:4320")]
+        listen: SocketAddr,
+        /// SQLite database file; created and migrated at start.
+        #[arg(long, default_value = "phoenix-control-plane.db")]
+        db: PathBuf,
+        /// How long an offered agent may take to ack APPLIED or FAILED.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        ack_timeout: Duration,
+        /// How long an agent of the current wave may stay away before the rollout counts it
+        /// lost (also the time agents get to reconnect after a restart).
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        agent_lost_after: Duration,
+    },
+    /// Token management (works on the database directly, so the first admin token can be
+    /// made before the server runs).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Creates a token and prints it once; only its SHA-256 is stored.
+    Create {
+        #[arg(long, default_value = "phoenix-control-plane.db")]
+        db: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// agent, viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+    },
+}
+
+/// Serves `cp` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cp: Arc<ControlPlane>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grpc = Grpc { cp: cp.clone() };
+    let routes = tonic::service::Routes::new(AgentServiceServer::new(grpc.clone()))
+        .add_service(FleetServiceServer::new(grpc.clone()))
+        .add_service(RolloutServiceServer::new(grpc));
+    let app = crate::api::router(cp).merge(routes.into_axum_router());
+    // Agent streams never end by themselves, so shutdown does not wait for connections: all
+    // state is in SQLite, committed per change.
+    tokio::select! {
+        result = axum::serve(listener, app) => result,
+        _ = shutdown => Ok(()),
+    }
+}
+
+async fn run_serve(listen: SocketAddr, db: PathBuf, settings: Settings) -> anyhow::Result<()> {
+    let store =
+        SqliteStore::open(&db).with_context(|| format!("opening the store {}", db.display()))?;
+    let cp = ControlPlane::new(Arc::new(store), settings);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let engine = tokio::spawn(cp.clone().run_engine(stop_rx));
+    tracing::info!(%listen, db = %db.display(), "phoenix-control-plane serving");
+    let shutdown = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending().await,
+        }
+        tracing::info!("shutting down");
+    };
+    serve(listener, cp, shutdown).await.context("serving")?;
+    let _ = stop_tx.send(true);
+    let _ = engine.await;
+    Ok(())
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token {
+            command: TokenCommand::Create { db, name, role },
+        } => {
+            let Some(role) = Role::parse(&role) else {
+                eprintln!("error: unknown role {role:?}: agent, viewer, operator or admin");
+                return ExitCode::from(2);
+            };
+            let result = SqliteStore::open(&db)
+                .map_err(anyhow::Error::from)
+                .and_then(|store| {
+                    let cp = ControlPlane::new(Arc::new(store), Settings::default());
+                    cp.create_token(None, &name, role)
+                        .map_err(anyhow::Error::from)
+                });
+            match result {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve {
+            listen,
+            db,
+            ack_timeout,
+            agent_lost_after,
+        } => {
+            init_logging();
+            let settings = Settings {
+                ack_timeout,
+                agent_lost_after,
+                ..Settings::default()
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("error: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run_serve(listen, db, settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
