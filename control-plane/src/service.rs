@@ -903,3 +903,255 @@ pub fn report_json(report: &phoenix_proto::v1::VolumeReport) -> serde_json::Valu
         })).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use phoenix_proto::v1::ConfigStatus;
+
+    const DOC: &str = "exporters: { debug/c: {} }\npipelines: { candidate: { receivers: [otlp], exporters: [debug/c] } }\n";
+
+    struct FakeAgent {
+        node: String,
+        session: u64,
+        rx: mpsc::Receiver<Result<ServerMessage, tonic::Status>>,
+    }
+
+    fn connect(cp: &ControlPlane, node: &str, role: &str) -> FakeAgent {
+        let (tx, rx) = mpsc::channel(16);
+        let hello = AgentHello {
+            node: node.into(),
+            labels: [("role".to_string(), role.to_string())].into(),
+            version: "test".into(),
+            ..Default::default()
+        };
+        let session = cp.agent_connected(&hello, tx).unwrap();
+        FakeAgent {
+            node: node.into(),
+            session,
+            rx,
+        }
+    }
+
+    impl FakeAgent {
+        fn offer(&mut self) -> Option<ConfigOffer> {
+            match self.rx.try_recv() {
+                Ok(Ok(ServerMessage {
+                    body: Some(server_message::Body::Offer(o)),
+                })) => Some(o),
+                _ => None,
+            }
+        }
+
+        fn ack(&self, cp: &ControlPlane, hash: &str, state: ConfigState, message: &str) {
+            let status = ConfigStatus {
+                offer_hash: hash.into(),
+                state: state as i32,
+                message: message.into(),
+                effective_config_hash: "e".into(),
+            };
+            cp.agent_message(
+                &self.node,
+                self.session,
+                AgentMessage {
+                    body: Some(agent_message::Body::Status(status)),
+                },
+            );
+        }
+    }
+
+    fn setup(settings: Settings) -> (Arc<ControlPlane>, Principal) {
+        let cp = ControlPlane::new(Arc::new(SqliteStore::in_memory().unwrap()), settings);
+        (
+            cp,
+            Principal {
+                name: "alice".into(),
+                role: Role::Operator,
+            },
+        )
+    }
+
+    fn create(cp: &ControlPlane, who: &Principal, selector: &str) -> i64 {
+        cp.create_rollout(
+            who,
+            CreateRollout {
+                selector: selector.into(),
+                document: DOC.into(),
+                role: "candidate".into(),
+                max_unavailable: 1,
+                wave_delay_ms: 0,
+            },
+        )
+        .unwrap()
+        .rollout
+        .id
+    }
+
+    fn states(cp: &ControlPlane, id: i64) -> Vec<(String, DeploymentState)> {
+        cp.rollout(id)
+            .unwrap()
+            .deployments
+            .into_iter()
+            .map(|d| (d.node, d.state))
+            .collect()
+    }
+
+    #[test]
+    fn waves_go_one_after_the_other_and_only_to_the_selected_agents() {
+        let (cp, who) = setup(Settings::default());
+        let mut a = connect(&cp, "a", "web");
+        let mut b = connect(&cp, "b", "web");
+        let mut c = connect(&cp, "c", "db");
+        let id = create(&cp, &who, "role=web");
+        cp.step().unwrap();
+        let offer = a.offer().expect("wave 1 offers a");
+        assert_eq!(offer.hash, phoenix_proto::document_hash(DOC));
+        assert!(b.offer().is_none(), "b waits for wave 2");
+        a.ack(&cp, &offer.hash, ConfigState::Applied, "");
+        cp.step().unwrap();
+        cp.step().unwrap();
+        let offer = b.offer().expect("wave 2 offers b");
+        b.ack(&cp, &offer.hash, ConfigState::Applied, "");
+        cp.step().unwrap();
+        cp.step().unwrap();
+        assert_eq!(
+            cp.rollout(id).unwrap().rollout.state,
+            RolloutState::Succeeded
+        );
+        assert!(c.offer().is_none());
+        assert!(cp
+            .metrics_text()
+            .contains("phoenix_control_plane_rollouts{state=\"succeeded\"} 1"));
+        // The nodes are busy no more: a second rollout may start, and a rollback of the first
+        // puts a and b back on their local files.
+        let rolled = cp.rollback(&who, id).unwrap();
+        assert_eq!(rolled.rollout.state, RolloutState::RollingBack);
+        let clear = a.offer().expect("a gets its previous config back");
+        assert_eq!(clear.role, OfferRole::Clear as i32);
+        a.ack(&cp, "", ConfigState::Applied, "");
+        let _ = b.offer();
+        b.ack(&cp, "", ConfigState::Applied, "");
+        cp.step().unwrap();
+        assert_eq!(
+            cp.rollout(id).unwrap().rollout.state,
+            RolloutState::RolledBack
+        );
+        assert_eq!(cp.audit_log(10).unwrap()[0].action, "rollout.rollback");
+    }
+
+    #[test]
+    fn a_failed_ack_stops_the_rollout_and_rolls_changed_nodes_back() {
+        let (cp, who) = setup(Settings::default());
+        let mut a = connect(&cp, "a", "web");
+        let mut b = connect(&cp, "b", "web");
+        let mut c = connect(&cp, "c", "web");
+        let id = create(&cp, &who, "role=web");
+        cp.step().unwrap();
+        let offer = a.offer().unwrap();
+        a.ack(&cp, &offer.hash, ConfigState::Applied, "");
+        cp.step().unwrap();
+        cp.step().unwrap();
+        let offer = b.offer().unwrap();
+        b.ack(
+            &cp,
+            &offer.hash,
+            ConfigState::Failed,
+            "pipelines.candidate: boom",
+        );
+        cp.step().unwrap();
+        cp.step().unwrap();
+        let view = cp.rollout(id).unwrap();
+        assert_eq!(view.rollout.state, RolloutState::RollingBack);
+        assert!(view
+            .rollout
+            .reason
+            .contains("b failed: pipelines.candidate: boom"));
+        assert_eq!(a.offer().map(|o| o.role), Some(OfferRole::Clear as i32));
+        assert!(c.offer().is_none(), "c's wave never started");
+        a.ack(&cp, "", ConfigState::Applied, "");
+        cp.step().unwrap();
+        assert_eq!(cp.rollout(id).unwrap().rollout.state, RolloutState::Failed);
+        assert_eq!(
+            states(&cp, id),
+            vec![
+                ("a".into(), DeploymentState::RolledBack),
+                ("b".into(), DeploymentState::Failed),
+                ("c".into(), DeploymentState::Skipped)
+            ]
+        );
+    }
+
+    #[test]
+    fn an_agent_lost_mid_wave_stops_the_rollout() {
+        let (cp, who) = setup(Settings {
+            agent_lost_after: Duration::ZERO,
+            ..Settings::default()
+        });
+        let mut a = connect(&cp, "a", "web");
+        let _b = connect(&cp, "b", "web");
+        let id = create(&cp, &who, "role=web");
+        cp.step().unwrap();
+        assert!(a.offer().is_some());
+        cp.agent_disconnected("a", a.session);
+        cp.step().unwrap();
+        let view = cp.rollout(id).unwrap();
+        assert_eq!(
+            view.rollout.state,
+            RolloutState::RollingBack,
+            "a is rolled back when it returns"
+        );
+        assert!(view.rollout.reason.contains("agent a was lost mid-wave"));
+        // a comes back saying it runs no offer (it never applied this one): nothing to undo.
+        let mut a = connect(&cp, "a", "web");
+        cp.step().unwrap();
+        assert!(a.offer().is_none());
+        assert_eq!(cp.rollout(id).unwrap().rollout.state, RolloutState::Failed);
+        assert_eq!(
+            states(&cp, id)[0],
+            ("a".into(), DeploymentState::RolledBack)
+        );
+    }
+
+    #[test]
+    fn overlapping_rollouts_conflict_and_bad_requests_are_refused() {
+        let (cp, who) = setup(Settings::default());
+        let _a = connect(&cp, "a", "web");
+        create(&cp, &who, "role=web");
+        let again = cp.create_rollout(
+            &who,
+            CreateRollout {
+                selector: "role=web".into(),
+                document: DOC.into(),
+                role: "candidate".into(),
+                max_unavailable: 1,
+                wave_delay_ms: 0,
+            },
+        );
+        assert!(matches!(again, Err(ServiceError::Conflict(_))));
+        let none = cp.create_rollout(
+            &who,
+            CreateRollout {
+                selector: "role=nothing".into(),
+                document: DOC.into(),
+                role: "candidate".into(),
+                max_unavailable: 1,
+                wave_delay_ms: 0,
+            },
+        );
+        assert!(matches!(none, Err(ServiceError::BadRequest(_))));
+        let invalid = cp.create_rollout(
+            &who,
+            CreateRollout {
+                selector: String::new(),
+                document: "processors: { batch: { timeout: soon } }".into(),
+                role: "candidate".into(),
+                max_unavailable: 1,
+                wave_delay_ms: 0,
+            },
+        );
+        assert!(
+            matches!(invalid, Err(ServiceError::Invalid(p)) if p[0].starts_with("processors.batch.timeout"))
+        );
+    }
+}
