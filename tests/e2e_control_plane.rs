@@ -801,3 +801,145 @@ fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     request
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_for_agents_and_phoenixctl_when_a_certificate_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let db = dir.path().join("cp.db");
+    let admin = token(&db, "admin", "admin");
+    let agent_token = dir.path().join("agent-token");
+    std::fs::write(&agent_token, token(&db, "agents", "agent")).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = dir.path().join("cp.log");
+    let _cp = KillOnDrop(
+        Command::new(CONTROL_PLANE)
+            .args(["serve", "--listen", &addr.to_string(), "--db"])
+            .arg(&db)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let https = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(certified.cert.pem().as_bytes()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !https
+        .get(format!("https://{addr}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        reqwest::get(format!("http://{addr}/readyz")).await.is_err(),
+        "no plain HTTP on a TLS listener"
+    );
+
+    let agent = Agent::start(&format!(
+        r#"
+receivers:
+  otlp: {{ protocols: {{ grpc: {{ endpoint: "{{GRPC}}" }} }} }}
+exporters:
+  blackhole: {{}}
+pipelines:
+  baseline: {{ receivers: [otlp], exporters: [blackhole] }}
+telemetry: {{ listen: "{{TELEMETRY}}" }}
+control_plane:
+  endpoint: "https://{addr}"
+  ca_file: "{ca}"
+  token_file: "{token}"
+  node_name: secure
+  state_dir: "{state}"
+"#,
+        ca = cert.display(),
+        token = agent_token.display(),
+        state = dir.path().join("state").display(),
+    ))
+    .await;
+
+    let ctl = |args: &[&str]| {
+        Command::new(PHOENIXCTL)
+            .args(["--server", &format!("https://{addr}"), "--ca-file"])
+            .arg(&cert)
+            .args(args)
+            .env("PHOENIX_TOKEN", &admin)
+            .env("HOME", dir.path())
+            .env_remove("PHOENIX_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ctl(&["fleet", "ls", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let agents: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if agents[0]["node"] == json!("secure") && agents[0]["connected"] == json!(true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent not connected over TLS:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sink = Sink::start().await;
+    let file = dir.path().join("candidate.yaml");
+    std::fs::write(&file, candidate(&sink, "otlp")).unwrap();
+    let out = ctl(&[
+        "rollout",
+        "create",
+        "--selector",
+        "",
+        "-f",
+        file.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&["rollout", "watch", "1", "--timeout", "30s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    send(&agent, 2).await;
+    assert_eq!(sink.wait_for(2, Duration::from_secs(10)).await, 2);
+    // Without the CA, phoenixctl refuses the server's certificate.
+    let out = Command::new(PHOENIXCTL)
+        .args(["--server", &format!("https://{addr}"), "fleet", "ls"])
+        .env("PHOENIX_TOKEN", &admin)
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5));
+}

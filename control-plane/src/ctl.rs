@@ -31,6 +31,10 @@ pub struct Cli {
     /// ~/.config/phoenix/phoenixctl.yaml). The token comes from $PHOENIX_TOKEN first.
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// PEM CA certificate to trust for an https:// server (else $PHOENIX_CA_FILE, else the
+    /// config file's `ca_file`).
+    #[arg(long, global = true)]
+    pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -116,6 +120,7 @@ pub enum RolloutCommand {
 struct FileConfig {
     server: Option<String>,
     token: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
 /// A failure with its exit code.
@@ -453,11 +458,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         .ok()
         .filter(|t| !t.is_empty())
         .or(file_config.token);
+    let ca_file = cli
+        .ca_file
+        .or_else(|| std::env::var_os("PHOENIX_CA_FILE").map(PathBuf::from))
+        .or(file_config.ca_file);
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+    if let Some(ca_file) = ca_file {
+        let pem =
+            std::fs::read(&ca_file).map_err(|e| fail(2, format!("{}: {e}", ca_file.display())))?;
+        let certificate = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| fail(2, format!("{}: {e}", ca_file.display())))?;
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(certificate);
+    }
     let client = Client {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| fail(5, e.to_string()))?,
+        http: builder.build().map_err(|e| fail(5, e.to_string()))?,
         server,
         token,
     };

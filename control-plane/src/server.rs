@@ -46,6 +46,12 @@ pub enum Command {
         /// lost (also the time agents get to reconnect after a restart).
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         agent_lost_after: Duration,
+        /// PEM certificate chain: with --tls-key, the listener speaks TLS only.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Token management (works on the database directly, so the first admin token can be
     /// made before the server runs).
@@ -69,12 +75,17 @@ pub enum TokenCommand {
     },
 }
 
-/// Serves `cp` on `listener` until `shutdown` completes.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves `cp` on `listener` (a TCP or [`crate::tls::TlsListener`]) until `shutdown`
+/// completes.
+pub async fn serve<L>(
+    listener: L,
     cp: Arc<ControlPlane>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let grpc = Grpc { cp: cp.clone() };
     let routes = tonic::service::Routes::new(AgentServiceServer::new(grpc.clone()))
         .add_service(FleetServiceServer::new(grpc.clone()))
@@ -88,7 +99,16 @@ pub async fn serve(
     }
 }
 
-async fn run_serve(listen: SocketAddr, db: PathBuf, settings: Settings) -> anyhow::Result<()> {
+async fn run_serve(
+    listen: SocketAddr,
+    db: PathBuf,
+    settings: Settings,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
+    let tls_config = match &tls {
+        Some((cert, key)) => Some(crate::tls::server_config(cert, key)?),
+        None => None,
+    };
     let store =
         SqliteStore::open(&db).with_context(|| format!("opening the store {}", db.display()))?;
     let cp = ControlPlane::new(Arc::new(store), settings);
@@ -97,7 +117,7 @@ async fn run_serve(listen: SocketAddr, db: PathBuf, settings: Settings) -> anyho
         .with_context(|| format!("cannot listen on {listen}"))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let engine = tokio::spawn(cp.clone().run_engine(stop_rx));
-    tracing::info!(%listen, db = %db.display(), "phoenix-control-plane serving");
+    tracing::info!(%listen, db = %db.display(), tls = tls_config.is_some(), "phoenix-control-plane serving");
     let shutdown = async {
         use tokio::signal::unix::{signal, SignalKind};
         match (
@@ -114,7 +134,14 @@ async fn run_serve(listen: SocketAddr, db: PathBuf, settings: Settings) -> anyho
         }
         tracing::info!("shutting down");
     };
-    serve(listener, cp, shutdown).await.context("serving")?;
+    match tls_config {
+        Some(config) => {
+            let listener =
+                crate::tls::TlsListener::new(listener, config).context("TLS listener")?;
+            serve(listener, cp, shutdown).await.context("serving")?;
+        }
+        None => serve(listener, cp, shutdown).await.context("serving")?,
+    }
     let _ = stop_tx.send(true);
     let _ = engine.await;
     Ok(())
@@ -153,6 +180,8 @@ pub fn main() -> ExitCode {
             db,
             ack_timeout,
             agent_lost_after,
+            tls_cert,
+            tls_key,
         } => {
             init_logging();
             let settings = Settings {
@@ -170,7 +199,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run_serve(listen, db, settings)) {
+            match runtime.block_on(run_serve(listen, db, settings, tls_cert.zip(tls_key))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err:#}");

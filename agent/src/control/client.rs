@@ -48,6 +48,11 @@ pub enum SessionError {
         file: String,
         source: std::io::Error,
     },
+    #[error("cannot read the CA file {file}: {source}")]
+    Ca {
+        file: String,
+        source: std::io::Error,
+    },
     #[error("the token is not a valid header value")]
     BadToken,
     #[error("the stream to the control plane closed")]
@@ -132,7 +137,18 @@ async fn session(
     metrics: &PrometheusHandle,
 ) -> Result<(), SessionError> {
     let token = read_token(config)?;
-    let channel = tonic::transport::Endpoint::from_shared(config.endpoint.clone())?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())?;
+    if let Some(ca_file) = &config.ca_file {
+        let pem = std::fs::read(ca_file).map_err(|source| SessionError::Ca {
+            file: ca_file.display().to_string(),
+            source,
+        })?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        )?;
+    }
+    let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(HEARTBEAT_INTERVAL)
         .keep_alive_timeout(CONNECT_TIMEOUT)

@@ -37,8 +37,13 @@ pub const OFFER_SECTIONS: [&str; 4] = ["receivers", "processors", "exporters", "
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlaneConfig {
-    /// `http://host:port` of the control plane's listener (gRPC and REST share it).
+    /// `http://host:port`, or `https://host:port` with `ca_file`, of the control plane's
+    /// listener (gRPC and REST share it).
     pub endpoint: String,
+    /// PEM file of the CA (or self-signed certificate) that signed the control plane's
+    /// certificate; required with `https://`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// File holding the agent's bearer token (an `agent` role token); read at each connect,
     /// so a rotated token is picked up. Without it the agent connects unauthenticated.
     #[serde(default)]
@@ -69,16 +74,26 @@ fn default_state_dir() -> PathBuf {
 impl ControlPlaneConfig {
     pub fn validate(&self) -> Vec<Issue> {
         let mut issues = Vec::new();
-        // TLS to the control plane is not built yet: only plain http:// endpoints.
-        let uri_ok = self
+        let scheme = self
             .endpoint
             .parse::<http::Uri>()
-            .is_ok_and(|u| u.scheme_str() == Some("http") && u.host().is_some());
-        if !uri_ok {
-            issues.push(Issue::new(
+            .ok()
+            .filter(|u| u.host().is_some())
+            .and_then(|u| u.scheme_str().map(str::to_string));
+        match scheme.as_deref() {
+            Some("http") => {}
+            Some("https") if self.ca_file.is_none() => issues.push(Issue::new(
+                "ca_file",
+                "an https:// endpoint needs ca_file, the CA that signed the control plane's certificate",
+            )),
+            Some("https") => {}
+            _ => issues.push(Issue::new(
                 "endpoint",
-                format!("expected http://host:port, got {:?}", self.endpoint),
-            ));
+                format!(
+                    "expected http://host:port or https://host:port, got {:?}",
+                    self.endpoint
+                ),
+            )),
         }
         if self.report_interval.is_zero() {
             issues.push(Issue::new("report_interval", "must be greater than 0"));
@@ -435,6 +450,16 @@ pipelines:
         assert_eq!(load_state(dir.path()).unwrap(), Some(o));
         save_state(dir.path(), None).unwrap();
         assert_eq!(load_state(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn https_needs_a_ca_file() {
+        let yaml = format!("{LOCAL}control_plane: {{ endpoint: \"https://cp:4320\" }}\n");
+        let err = AgentConfig::from_yaml(&yaml, Path::new("a.yaml")).unwrap_err();
+        assert_eq!(err.issues()[0].path, "control_plane.ca_file");
+        let yaml =
+            format!("{LOCAL}control_plane: {{ endpoint: \"https://cp:4320\", ca_file: ca.pem }}\n");
+        assert!(AgentConfig::from_yaml(&yaml, Path::new("a.yaml")).is_ok());
     }
 
     #[test]
