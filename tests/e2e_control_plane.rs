@@ -82,6 +82,30 @@ impl ControlPlane {
     }
 }
 
+/// The agent binary comes from the shared target dir (see `support::agent_bin`); say so
+/// plainly when it was built from a tree without the control-plane client.
+fn check_agent_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        "receivers: { otlp: { protocols: { grpc: {} } } }\nexporters: { blackhole: {} }\npipelines: { baseline: { receivers: [otlp], exporters: [blackhole] } }\ncontrol_plane: { endpoint: \"http://127.0.0.1:1\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(agent_bin())
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} was built from a tree without the control-plane client (another build replaced it?): \
+         run `cargo test -p phoenix-agent -p phoenix-control-plane` or `cargo test --workspace`\n{}",
+        agent_bin().display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn token(db: &Path, name: &str, role: &str) -> String {
     let out = Command::new(CONTROL_PLANE)
         .args(["token", "create", "--db"])
@@ -109,6 +133,7 @@ struct Fleet {
 
 impl Fleet {
     async fn start() -> Fleet {
+        check_agent_binary();
         let dir = tempfile::tempdir().unwrap();
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let db = dir.path().join("cp.db");
@@ -804,6 +829,7 @@ fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_for_agents_and_phoenixctl_when_a_certificate_is_configured() {
+    check_agent_binary();
     let dir = tempfile::tempdir().unwrap();
     let certified =
         rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
@@ -942,4 +968,47 @@ control_plane:
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_lost_mid_rollout_stops_it_and_changed_nodes_roll_back() {
+    let fleet = Fleet::start().await;
+    let a = fleet.agent("a", "web", "otlp").await;
+    let b = fleet.agent("b", "web", "otlp").await;
+    fleet.wait_connected(&["a", "b"]).await;
+    let a_before = config_hash(&a).await;
+    let sink = Sink::start().await;
+    let id = fleet
+        .create_rollout("role=web", &candidate(&sink, "otlp"), 3000)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, rollout) = fleet
+            .api(
+                "GET",
+                &format!("/api/v1/rollouts/{id}"),
+                Some(&fleet.admin),
+                None,
+            )
+            .await;
+        if rollout["deployments"][0]["state"] == json!("applied") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rollout}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(config_hash(&a).await, a_before);
+    // b dies before its wave: the control plane waits --agent-lost-after (10 s), then stops.
+    drop(b);
+    let rollout = fleet.wait_rollout(id, "failed").await;
+    assert!(
+        rollout["reason"]
+            .as_str()
+            .unwrap()
+            .contains("agent b was lost mid-wave"),
+        "{rollout}"
+    );
+    assert_eq!(rollout["deployments"][0]["state"], json!("rolled_back"));
+    assert_eq!(rollout["deployments"][1]["state"], json!("skipped"));
+    wait_hash(&a, &a_before, "a after the rollback").await;
 }

@@ -161,7 +161,15 @@ pub fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|store| {
                     let cp = ControlPlane::new(Arc::new(store), Settings::default());
-                    cp.create_token(None, &name, role)
+                    // Made on the database file directly: audited as the local user.
+                    let local = crate::auth::Principal {
+                        name: format!(
+                            "local:{}",
+                            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+                        ),
+                        role: Role::Admin,
+                    };
+                    cp.create_token(Some(&local), &name, role)
                         .map_err(anyhow::Error::from)
                 });
             match result {
