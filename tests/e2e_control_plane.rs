@@ -23,13 +23,14 @@ const PHOENIXCTL: &str = env!("CARGO_BIN_EXE_phoenixctl");
 struct ControlPlane {
     child: KillOnDrop,
     addr: std::net::SocketAddr,
-    db: PathBuf,
+    db: String,
     log: PathBuf,
 }
 
 impl ControlPlane {
-    async fn start(dir: &Path, addr: std::net::SocketAddr) -> ControlPlane {
-        let db = dir.join("cp.db");
+    /// Starts `serve` on `db` (a SQLite path or a PostgreSQL URL); logs go to `dir`.
+    async fn start(dir: &Path, addr: std::net::SocketAddr, db: &str) -> ControlPlane {
+        let db = db.to_string();
         let log = dir.join(format!(
             "cp-{}.log",
             std::time::SystemTime::now()
@@ -106,7 +107,7 @@ fn check_agent_binary() {
     );
 }
 
-fn token(db: &Path, name: &str, role: &str) -> String {
+fn token(db: &str, name: &str, role: &str) -> String {
     let out = Command::new(CONTROL_PLANE)
         .args(["token", "create", "--db"])
         .arg(db)
@@ -121,9 +122,10 @@ fn token(db: &Path, name: &str, role: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// A fleet test's shared state: the control plane's directory, its address and tokens.
+/// A fleet test's shared state: the control plane's directory, store, address and tokens.
 struct Fleet {
     dir: tempfile::TempDir,
+    db: String,
     addr: std::net::SocketAddr,
     cp: Option<ControlPlane>,
     admin: String,
@@ -132,18 +134,25 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// A fleet whose control plane keeps its state in a SQLite file.
     async fn start() -> Fleet {
+        Self::start_on(None).await
+    }
+
+    /// A fleet on `db` (a PostgreSQL URL), or on a SQLite file in its directory.
+    async fn start_on(db: Option<String>) -> Fleet {
         check_agent_binary();
         let dir = tempfile::tempdir().unwrap();
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let db = dir.path().join("cp.db");
+        let db = db.unwrap_or_else(|| dir.path().join("cp.db").display().to_string());
         let admin = token(&db, "admin", "admin");
         let operator = token(&db, "ops", "operator");
         let agent_token_file = dir.path().join("agent-token");
         std::fs::write(&agent_token_file, token(&db, "agents", "agent")).unwrap();
-        let cp = ControlPlane::start(dir.path(), addr).await;
+        let cp = ControlPlane::start(dir.path(), addr, &db).await;
         Fleet {
             dir,
+            db,
             addr,
             cp: Some(cp),
             admin,
@@ -629,7 +638,37 @@ async fn a_config_that_fails_on_one_agent_stops_the_rollout_and_rolls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_killed_mid_rollout_resumes_from_sqlite() {
-    let mut fleet = Fleet::start().await;
+    killed_mid_rollout_resumes(Fleet::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_on_postgresql_killed_mid_rollout_resumes() {
+    let db = std::thread::spawn(postgres_database).join().unwrap();
+    killed_mid_rollout_resumes(Fleet::start_on(Some(db)).await).await;
+}
+
+/// A fresh database on the server of `PHOENIX_TEST_POSTGRES_URL` (`./scripts/test` starts
+/// one), as a URL. Runs the synchronous client, so call it off the async runtime.
+fn postgres_database() -> String {
+    let Ok(url) = std::env::var("PHOENIX_TEST_POSTGRES_URL") else {
+        panic!(
+            "PHOENIX_TEST_POSTGRES_URL is not set: run the tests with ./scripts/test, or \
+             ./scripts/with-postgres cargo test ..., which start a throwaway PostgreSQL"
+        );
+    };
+    let name = format!("phoenix_e2e_{}", std::process::id());
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .unwrap();
+    let (server, _) = url.rsplit_once('/').unwrap();
+    format!("{server}/{name}")
+}
+
+async fn killed_mid_rollout_resumes(mut fleet: Fleet) {
     let a = fleet.agent("a", "web", "otlp").await;
     let b = fleet.agent("b", "web", "otlp").await;
     fleet.wait_connected(&["a", "b"]).await;
@@ -663,7 +702,7 @@ async fn a_control_plane_killed_mid_rollout_resumes_from_sqlite() {
         "b is untouched while the control plane is away"
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
-    fleet.cp = Some(ControlPlane::start(fleet.dir.path(), fleet.addr).await);
+    fleet.cp = Some(ControlPlane::start(fleet.dir.path(), fleet.addr, &fleet.db).await);
 
     let rollout = fleet.wait_rollout(id, "succeeded").await;
     assert!(
@@ -837,7 +876,7 @@ async fn tls_for_agents_and_phoenixctl_when_a_certificate_is_configured() {
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    let db = dir.path().join("cp.db");
+    let db = dir.path().join("cp.db").display().to_string();
     let admin = token(&db, "admin", "admin");
     let agent_token = dir.path().join("agent-token");
     std::fs::write(&agent_token, token(&db, "agents", "agent")).unwrap();

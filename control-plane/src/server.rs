@@ -16,7 +16,18 @@ use phoenix_proto::v1::rollout_service_server::RolloutServiceServer;
 use crate::auth::Role;
 use crate::grpc::Grpc;
 use crate::service::{ControlPlane, Settings};
-use crate::store::sqlite::SqliteStore;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u@h:5432/db"
+        );
+        assert_eq!(super::redact("cp.db"), "cp.db");
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,9 +47,10 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:4320")]
         listen: SocketAddr,
-        /// SQLite database file; created and migrated at start.
+        /// The store: a SQLite file (created if missing), or a `postgres://user@host/db` URL.
+        /// The schema is created and migrated at start.
         #[arg(long, default_value = "phoenix-control-plane.db")]
-        db: PathBuf,
+        db: String,
         /// How long an offered agent may take to ack APPLIED or FAILED.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         ack_timeout: Duration,
@@ -65,8 +77,9 @@ pub enum Command {
 pub enum TokenCommand {
     /// Creates a token and prints it once; only its SHA-256 is stored.
     Create {
+        /// The store, as for `serve --db`.
         #[arg(long, default_value = "phoenix-control-plane.db")]
-        db: PathBuf,
+        db: String,
         #[arg(long)]
         name: String,
         /// agent, viewer, operator or admin.
@@ -101,7 +114,7 @@ where
 
 async fn run_serve(
     listen: SocketAddr,
-    db: PathBuf,
+    db: String,
     settings: Settings,
     tls: Option<(PathBuf, PathBuf)>,
 ) -> anyhow::Result<()> {
@@ -110,14 +123,14 @@ async fn run_serve(
         None => None,
     };
     let store =
-        SqliteStore::open(&db).with_context(|| format!("opening the store {}", db.display()))?;
-    let cp = ControlPlane::new(Arc::new(store), settings);
+        crate::store::open(&db).with_context(|| format!("opening the store {}", redact(&db)))?;
+    let cp = ControlPlane::new(store, settings);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let engine = tokio::spawn(cp.clone().run_engine(stop_rx));
-    tracing::info!(%listen, db = %db.display(), tls = tls_config.is_some(), "phoenix-control-plane serving");
+    tracing::info!(%listen, db = %redact(&db), tls = tls_config.is_some(), "phoenix-control-plane serving");
     let shutdown = async {
         use tokio::signal::unix::{signal, SignalKind};
         match (
@@ -157,10 +170,10 @@ pub fn main() -> ExitCode {
                 eprintln!("error: unknown role {role:?}: agent, viewer, operator or admin");
                 return ExitCode::from(2);
             };
-            let result = SqliteStore::open(&db)
+            let result = crate::store::open(&db)
                 .map_err(anyhow::Error::from)
                 .and_then(|store| {
-                    let cp = ControlPlane::new(Arc::new(store), Settings::default());
+                    let cp = ControlPlane::new(store, Settings::default());
                     // Made on the database file directly: audited as the local user.
                     let local = crate::auth::Principal {
                         name: format!(
@@ -216,6 +229,20 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// A store spec for logs: a URL's password is left out.
+fn redact(spec: &str) -> String {
+    match (spec.split_once("://"), spec.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => match rest.split_once('@') {
+            Some((user, host)) => {
+                let user = user.split(':').next().unwrap_or_default();
+                format!("{scheme}://{user}@{host}")
+            }
+            None => spec.to_string(),
+        },
+        _ => spec.to_string(),
     }
 }
 

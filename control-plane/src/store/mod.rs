@@ -2,6 +2,9 @@
 //! versions, rollouts with their deployments and events, what each node should run, the audit
 //! log and tokens. [`sqlite::SqliteStore`] is the implementation.
 
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -30,8 +33,24 @@ pub enum StoreError {
     Corrupt(String),
     #[error("cannot migrate the schema: the database is at version {found}, newer than this build's {known}")]
     TooNew { found: i64, known: i64 },
+    #[error("postgres: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Conflict(String),
+}
+
+/// Opens the store named by `spec`: a `postgres://` or `postgresql://` URL, else a SQLite
+/// file path.
+pub fn open(spec: &str) -> Result<std::sync::Arc<dyn Store>> {
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(postgres::PostgresStore::connect(spec)?))
+    } else {
+        Ok(std::sync::Arc::new(sqlite::SqliteStore::open(
+            std::path::Path::new(spec),
+        )?))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
