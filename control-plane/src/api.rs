@@ -395,3 +395,122 @@ pub fn openapi() -> Value {
         "paths": paths,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Settings;
+    use crate::store::sqlite::SqliteStore;
+    use tower::ServiceExt;
+
+    async fn call(
+        app: &Router,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, Value) {
+        let mut request = http::Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let response = app
+            .clone()
+            .oneshot(
+                request
+                    .body(axum::body::Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn every_listed_route_is_routed_and_in_the_openapi_document() {
+        let cp = ControlPlane::new(
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            Settings::default(),
+        );
+        let admin = cp.create_token(None, "admin", Role::Admin).unwrap();
+        let app = router(cp);
+        let doc = openapi();
+        for route in ROUTES {
+            let path = route
+                .path
+                .replace("{node}", "n")
+                .replace("{id}", "7")
+                .replace("{hash}", "h");
+            let (status, body) = call(&app, route.method, &path, Some(&admin), "{}").await;
+            // A route the router does not know answers 404 or 405 with no JSON body.
+            assert!(
+                status != StatusCode::METHOD_NOT_ALLOWED
+                    && (status != StatusCode::NOT_FOUND || body.get("error").is_some()),
+                "{} {path}: {status} {body}",
+                route.method
+            );
+            assert!(doc["paths"][route.path][route.method.to_lowercase()].is_object());
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_with_the_right_status() {
+        let cp = ControlPlane::new(
+            Arc::new(SqliteStore::in_memory().unwrap()),
+            Settings::default(),
+        );
+        let operator = cp.create_token(None, "ops", Role::Operator).unwrap();
+        let app = router(cp.clone());
+        let (status, body) = call(&app, "GET", "/api/v1/agents", None, "").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::UNAUTHORIZED, Some("missing bearer token"))
+        );
+        let (status, _) = call(&app, "GET", "/api/v1/audit", Some(&operator), "").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, body) = call(
+            &app,
+            "POST",
+            "/api/v1/rollouts",
+            Some(&operator),
+            "{\"document\": 1}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let bad = json!({ "document": "processors: { batch: { timeout: soon } }" }).to_string();
+        let (status, body) = call(&app, "POST", "/api/v1/rollouts", Some(&operator), &bad).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("processors.batch.timeout"));
+        let ok = json!({ "document": "processors: { batch: {} }" }).to_string();
+        let (status, body) = call(&app, "POST", "/api/v1/rollouts", Some(&operator), &ok).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "no agent is connected: {body}"
+        );
+        let (status, body) = call(
+            &app,
+            "POST",
+            "/api/v1/configs/validate",
+            Some(&operator),
+            &ok,
+        )
+        .await;
+        assert_eq!(
+            (status, body["valid"].as_bool()),
+            (StatusCode::OK, Some(true))
+        );
+        let (status, _) = call(&app, "GET", "/api/v1/rollouts/abc", Some(&operator), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+}
