@@ -359,6 +359,11 @@ async fn a_rollout_reaches_only_the_selected_agents_and_phoenixctl_shows_it() {
     let b = fleet.agent("b", "web", "otlp").await;
     let c = fleet.agent("c", "db", "otlp").await;
     fleet.wait_connected(&["a", "b", "c"]).await;
+    assert_eq!(
+        a.metric("phoenix_control_plane_connected", &[]).await,
+        1.0,
+        "the agent says it is connected"
+    );
     let before = [
         config_hash(&a).await,
         config_hash(&b).await,

@@ -352,6 +352,16 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .with_state(cp)
 }
 
+/// The JSON body a route takes, by its schema name in the OpenAPI document.
+fn request_schema(method: &str, path: &str) -> Option<&'static str> {
+    match (method, path) {
+        ("POST", "/api/v1/rollouts") => Some("CreateRollout"),
+        ("POST", "/api/v1/configs/validate") => Some("Validate"),
+        ("POST", "/api/v1/tokens") => Some("CreateToken"),
+        _ => None,
+    }
+}
+
 /// The OpenAPI 3.1 document, built from [`ROUTES`].
 pub fn openapi() -> Value {
     let mut paths = serde_json::Map::new();
@@ -380,6 +390,12 @@ pub fn openapi() -> Value {
             op["responses"]["401"] = json!({ "description": "Missing or unknown token" });
             op["responses"]["403"] = json!({ "description": "The token's role may not do this" });
         }
+        if let Some(schema) = request_schema(route.method, route.path) {
+            op["requestBody"] = json!({
+                "required": true,
+                "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{schema}") } } },
+            });
+        }
         if let Some(map) = entry.as_object_mut() {
             map.insert(route.method.to_lowercase(), op);
         }
@@ -391,7 +407,38 @@ pub fn openapi() -> Value {
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Fleet of agents and config rollouts. Roles: viewer (read), operator (read, write), admin (all). The same operations are served over gRPC as phoenix.v1.FleetService and phoenix.v1.RolloutService.",
         },
-        "components": { "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } } },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": {
+                "CreateRollout": {
+                    "type": "object",
+                    "required": ["document"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "selector": { "type": "string", "description": "Label selector, k=v,k2!=v2; empty selects every connected agent." },
+                        "document": { "type": "string", "description": "YAML with any of receivers, processors, exporters, pipelines." },
+                        "role": { "type": "string", "enum": ["candidate", "baseline"], "default": "candidate" },
+                        "max_unavailable": { "type": "integer", "minimum": 1, "default": 1 },
+                        "wave_delay_ms": { "type": "integer", "minimum": 0, "default": 0 },
+                    },
+                },
+                "Validate": {
+                    "type": "object",
+                    "required": ["document"],
+                    "additionalProperties": false,
+                    "properties": { "document": { "type": "string" } },
+                },
+                "CreateToken": {
+                    "type": "object",
+                    "required": ["name", "role"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "name": { "type": "string" },
+                        "role": { "type": "string", "enum": ["agent", "viewer", "operator", "admin"] },
+                    },
+                },
+            },
+        },
         "paths": paths,
     })
 }
@@ -456,7 +503,15 @@ mod tests {
                 "{} {path}: {status} {body}",
                 route.method
             );
-            assert!(doc["paths"][route.path][route.method.to_lowercase()].is_object());
+            let op = &doc["paths"][route.path][route.method.to_lowercase()];
+            assert!(op.is_object());
+            if route.method == "POST" && route.path != "/api/v1/rollouts/{id}/rollback" {
+                let schema = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                    .as_str()
+                    .unwrap();
+                let name = schema.trim_start_matches("#/components/schemas/");
+                assert!(doc["components"]["schemas"][name].is_object(), "{schema}");
+            }
         }
     }
 

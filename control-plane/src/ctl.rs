@@ -376,12 +376,23 @@ fn rollout_text(r: &Value) -> String {
     {
         out.push_str(&format!(
             "{}  {}  {}\n",
-            num_of(e, "at"),
+            time_text(e, "at"),
             str_of(e, "kind"),
             str_of(e, "message")
         ));
     }
     out
+}
+
+/// Unix milliseconds as RFC 3339 UTC, for tables.
+fn time_text(v: &Value, key: &str) -> String {
+    match v.get(key).and_then(Value::as_u64) {
+        Some(ms) => {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        }
+        None => String::new(),
+    }
 }
 
 fn print(output: Output, value: &Value, human: impl Fn(&Value) -> String) {
@@ -554,7 +565,7 @@ async fn watch(client: &Client, output: Output, id: i64, timeout: Duration) -> R
             for e in events.iter().skip(printed) {
                 println!(
                     "{}  {}  {}",
-                    num_of(e, "at"),
+                    time_text(e, "at"),
                     str_of(e, "kind"),
                     str_of(e, "message")
                 );

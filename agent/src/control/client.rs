@@ -227,7 +227,7 @@ where
     Fut: std::future::Future<Output = Result<(), SessionError>>,
 {
     let failed = |message: String| {
-        metrics::counter!(telemetry::CONTROL_PLANE_OFFERS, "result" => "failed").increment(1);
+        metrics::counter!(telemetry::CONFIG_OFFERS, "result" => "failed").increment(1);
         tracing::error!(offer = %offer.hash, "config offer rejected, the running configuration stays: {message}");
         ConfigStatus {
             offer_hash: offer.hash.clone(),
@@ -270,7 +270,7 @@ where
         .map_err(|_| SessionError::Stopping)?;
     match result.await {
         Ok(Ok(())) => {
-            metrics::counter!(telemetry::CONTROL_PLANE_OFFERS, "result" => "applied").increment(1);
+            metrics::counter!(telemetry::CONFIG_OFFERS, "result" => "applied").increment(1);
             Ok(ConfigStatus {
                 offer_hash: offer.hash.clone(),
                 state: ConfigState::Applied as i32,

@@ -88,7 +88,7 @@ metric_defs! {
         "1 for the hash of the configuration that is running.";
     CONTROL_PLANE_CONNECTED = "phoenix_control_plane_connected", Gauge, Count, [],
         "1 while the agent's stream to the control plane is open, 0 otherwise.";
-    CONTROL_PLANE_OFFERS = "phoenix_control_plane_offers_total", Counter, Count, ["result"],
+    CONFIG_OFFERS = "phoenix_config_offers_total", Counter, Count, ["result"],
         "Config offers received from the control plane, by result (applied, failed).";
     BUILD_INFO = "phoenix_build_info", Gauge, Count, ["version"],
         "1, labelled with the agent's version.";
