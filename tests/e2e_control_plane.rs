@@ -760,6 +760,20 @@ async fn an_agent_restarted_comes_back_with_its_last_applied_config() {
     );
     send(&a, 3).await;
     assert_eq!(sink.wait_for(3, Duration::from_secs(10)).await, 3);
+
+    // An edit of the local file is merged with the applied offer again.
+    a.write_config(&format!("{yaml}shutdown_grace_period: 5s\n"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while config_hash(&a).await == applied {
+        assert!(Instant::now() < deadline, "no reload:\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    send(&a, 2).await;
+    assert_eq!(
+        sink.wait_for(5, Duration::from_secs(10)).await,
+        5,
+        "the candidate is still there"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -850,6 +864,38 @@ async fn every_role_on_every_route() {
         .await
         .unwrap();
     assert!(agents.into_inner().agents.is_empty());
+    use phoenix_proto::v1::rollout_service_client::RolloutServiceClient;
+    let channel = tonic::transport::Endpoint::from_shared(fleet.cp().url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = RolloutServiceClient::new(channel.clone())
+        .get_rollout(with_token(
+            viewer,
+            phoenix_proto::v1::GetRolloutRequest { id: 7 },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let create = phoenix_proto::v1::CreateRolloutRequest {
+        document: "pipelines: {}".into(),
+        ..Default::default()
+    };
+    let err = RolloutServiceClient::new(channel.clone())
+        .create_rollout(with_token(viewer, create.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = RolloutServiceClient::new(channel)
+        .create_rollout(with_token(&fleet.operator, create))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "no agent to target"
+    );
 
     // The OpenAPI document lists every route.
     let (_, doc) = fleet.api("GET", "/api/v1/openapi.json", None, None).await;

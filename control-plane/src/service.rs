@@ -430,12 +430,7 @@ impl ControlPlane {
                 request.selector
             )));
         }
-        for active in self
-            .store
-            .rollouts()?
-            .into_iter()
-            .filter(|r| r.state.is_active())
-        {
+        for active in self.store.active_rollouts()? {
             let busy: Vec<String> = self
                 .store
                 .deployments(active.id)?
@@ -552,12 +547,7 @@ impl ControlPlane {
     /// One pass over the active rollouts.
     pub fn step(&self) -> Result<(), ServiceError> {
         let mut fleet = self.fleet();
-        for rollout in self
-            .store
-            .rollouts()?
-            .into_iter()
-            .filter(|r| r.state.is_active())
-        {
+        for rollout in self.store.active_rollouts()? {
             match rollout.state {
                 RolloutState::Running => self.step_running(&mut fleet, &rollout)?,
                 RolloutState::RollingBack => self.step_rolling_back(&mut fleet, &rollout)?,
@@ -855,9 +845,9 @@ impl ControlPlane {
         let connected = self.fleet().sessions.len();
         let mut by_state: BTreeMap<&str, u64> =
             RolloutState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-        if let Ok(rollouts) = self.store.rollouts() {
-            for r in rollouts {
-                *by_state.entry(r.state.as_str()).or_default() += 1;
+        if let Ok(counts) = self.store.rollout_counts() {
+            for (state, count) in counts {
+                by_state.insert(state.as_str(), count);
             }
         }
         let mut out = String::new();

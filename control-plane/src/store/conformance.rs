@@ -127,9 +127,15 @@ pub fn rollouts_deployments_and_events(store: &dyn Store) {
     assert_eq!(r.state, RolloutState::RollingBack);
     assert_eq!(r.reason, "a failed");
     assert_eq!(r.rollback_outcome, Some(RolloutState::Failed));
+    assert_eq!(store.active_rollouts().unwrap().len(), 1);
     store
         .set_rollout_state(id, RolloutState::Failed, "", None)
         .unwrap();
+    assert!(store.active_rollouts().unwrap().is_empty());
+    assert_eq!(
+        store.rollout_counts().unwrap(),
+        vec![(RolloutState::Failed, 1)]
+    );
     assert_eq!(
         store.rollout(id).unwrap().unwrap().reason,
         "a failed",

@@ -186,6 +186,10 @@ pub trait Store: Send + Sync {
     /// Creates a rollout with its deployments and its `created` event, in one transaction.
     fn create_rollout(&self, rollout: &NewRollout, deployments: &[NewDeployment]) -> Result<i64>;
     fn rollouts(&self) -> Result<Vec<RolloutRecord>>;
+    /// Rollouts the engine still drives (`running`, `rolling_back`), oldest first.
+    fn active_rollouts(&self) -> Result<Vec<RolloutRecord>>;
+    /// How many rollouts are in each state (states with none are left out).
+    fn rollout_counts(&self) -> Result<Vec<(RolloutState, u64)>>;
     fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>>;
     /// Moves a rollout to `state` if the transition is valid; records an event.
     fn set_rollout_state(

@@ -71,6 +71,7 @@ pub const MIGRATIONS: &[&str] = &[r#"
         message TEXT NOT NULL
     );
     CREATE INDEX rollout_events_by_rollout ON rollout_events(rollout_id, id);
+    CREATE INDEX rollouts_by_state ON rollouts(state);
     CREATE TABLE node_configs (
         node TEXT PRIMARY KEY,
         config_hash TEXT NOT NULL,
@@ -426,6 +427,33 @@ impl Store for PostgresStore {
             .iter()
             .map(rollout_of)
             .collect()
+        })
+    }
+
+    fn active_rollouts(&self) -> Result<Vec<RolloutRecord>> {
+        self.call(|c| {
+            c.query(
+                &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE state IN ('running', 'rolling_back') ORDER BY id"),
+                &[],
+            )?
+            .iter()
+            .map(rollout_of)
+            .collect()
+        })
+    }
+
+    fn rollout_counts(&self) -> Result<Vec<(RolloutState, u64)>> {
+        self.call(|c| {
+            c.query("SELECT state, COUNT(*) FROM rollouts GROUP BY state", &[])?
+                .iter()
+                .map(|r| {
+                    let state: String = r.get(0);
+                    let count: i64 = r.get(1);
+                    let state = RolloutState::parse(&state)
+                        .ok_or_else(|| corrupt("rollout state", &state))?;
+                    Ok((state, count.max(0) as u64))
+                })
+                .collect()
         })
     }
 

@@ -69,6 +69,7 @@ pub const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL
     );
     CREATE INDEX rollout_events_by_rollout ON rollout_events(rollout_id, id);
+    CREATE INDEX rollouts_by_state ON rollouts(state);
     CREATE TABLE node_configs (
         node TEXT PRIMARY KEY,
         config_hash TEXT NOT NULL,
@@ -388,6 +389,28 @@ impl Store for SqliteStore {
         ))?;
         let rows = stmt.query_map([], rollout_from_row)?;
         rows.map(|r| finish_rollout(r?)).collect()
+    }
+
+    fn active_rollouts(&self) -> Result<Vec<RolloutRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE state IN ('running', 'rolling_back') ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], rollout_from_row)?;
+        rows.map(|r| finish_rollout(r?)).collect()
+    }
+
+    fn rollout_counts(&self) -> Result<Vec<(RolloutState, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM rollouts GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        rows.map(|r| {
+            let (state, count) = r?;
+            let state =
+                RolloutState::parse(&state).ok_or_else(|| corrupt("rollout state", &state))?;
+            Ok((state, count.max(0) as u64))
+        })
+        .collect()
     }
 
     fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>> {
