@@ -20,6 +20,9 @@ use crate::service::{AgentView, ControlPlane, CreateRollout, RolloutView, Servic
 
 /// How long a new stream may take to say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// An agent stream with no message (agents send a heartbeat every 15 s) for this long is
+/// closed: its host may have vanished without closing the connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Messages queued towards one agent before offers wait for the next engine step.
 pub const AGENT_QUEUE: usize = 16;
 
@@ -92,11 +95,15 @@ impl AgentService for Grpc {
         let cp = self.cp.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
-                    Ok(Some(message)) => cp.agent_message(&node, session, message),
-                    Ok(None) => break,
-                    Err(status) => {
+                match tokio::time::timeout(IDLE_TIMEOUT, inbound.message()).await {
+                    Ok(Ok(Some(message))) => cp.agent_message(&node, session, message),
+                    Ok(Ok(None)) => break,
+                    Ok(Err(status)) => {
                         tracing::debug!(%node, "agent stream error: {status}");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(%node, "agent silent for {IDLE_TIMEOUT:?}: closing its stream");
                         break;
                     }
                 }
