@@ -282,3 +282,98 @@ where
         Err(_) => Err(SessionError::Stopping),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    type Sent = Arc<Mutex<Vec<AgentBody>>>;
+
+    fn recorder() -> (
+        Sent,
+        impl Fn(AgentBody) -> std::future::Ready<Result<(), SessionError>>,
+    ) {
+        let sent: Sent = Arc::default();
+        let sink = sent.clone();
+        (sent, move |body| {
+            sink.lock().unwrap().push(body);
+            std::future::ready(Ok(()))
+        })
+    }
+
+    fn offer(document: &str, role: phoenix_proto::v1::OfferRole) -> ConfigOffer {
+        ConfigOffer {
+            document: document.into(),
+            hash: phoenix_proto::document_hash(document),
+            role: role as i32,
+        }
+    }
+
+    fn state() -> watch::Receiver<AgentState> {
+        let (tx, rx) = watch::channel(AgentState {
+            effective_config_hash: "before".into(),
+            applied_offer_hash: String::new(),
+        });
+        std::mem::forget(tx);
+        rx
+    }
+
+    #[tokio::test]
+    async fn an_applied_offer_is_acked_applying_then_applied() {
+        let (apply, mut requests) = mpsc::channel::<ApplyRequest>(1);
+        tokio::spawn(async move {
+            if let Some(request) = requests.recv().await {
+                assert_eq!(request.offer.role, OfferRole::Candidate);
+                let _ = request.reply.send(Ok(()));
+            }
+        });
+        let (sent, send) = recorder();
+        let o = offer("pipelines: {}", phoenix_proto::v1::OfferRole::Candidate);
+        let status = handle_offer(o.clone(), &state(), &apply, &send)
+            .await
+            .unwrap();
+        assert_eq!(status.state, ConfigState::Applied as i32);
+        assert_eq!(status.offer_hash, o.hash);
+        let sent = sent.lock().unwrap();
+        assert!(
+            matches!(&sent[..], [AgentBody::Status(s)] if s.state == ConfigState::Applying as i32)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejected_offer_is_failed_with_the_agents_error_text() {
+        let (apply, mut requests) = mpsc::channel::<ApplyRequest>(1);
+        tokio::spawn(async move {
+            if let Some(request) = requests.recv().await {
+                let _ = request.reply.send(Err("pipelines.x: boom".into()));
+            }
+        });
+        let (_, send) = recorder();
+        let o = offer("pipelines: {}", phoenix_proto::v1::OfferRole::Baseline);
+        let status = handle_offer(o, &state(), &apply, &send).await.unwrap();
+        assert_eq!(status.state, ConfigState::Failed as i32);
+        assert_eq!(status.message, "pipelines.x: boom");
+        assert_eq!(status.effective_config_hash, "before");
+    }
+
+    #[tokio::test]
+    async fn bad_envelopes_fail_without_reaching_the_agent() {
+        let (apply, _requests) = mpsc::channel::<ApplyRequest>(1);
+        let (sent, send) = recorder();
+        let mut tampered = offer("pipelines: {}", phoenix_proto::v1::OfferRole::Candidate);
+        tampered.document.push(' ');
+        let status = handle_offer(tampered, &state(), &apply, &send)
+            .await
+            .unwrap();
+        assert_eq!(status.state, ConfigState::Failed as i32);
+        assert!(status.message.contains("does not match its document"));
+        let mut unknown = offer("pipelines: {}", phoenix_proto::v1::OfferRole::Candidate);
+        unknown.role = 42;
+        let status = handle_offer(unknown, &state(), &apply, &send)
+            .await
+            .unwrap();
+        assert!(status.message.contains("unknown offer role 42"));
+        assert!(sent.lock().unwrap().is_empty(), "not even APPLYING");
+    }
+}
