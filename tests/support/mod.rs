@@ -18,7 +18,47 @@ use opentelemetry_proto::tonic::collector::metrics::v1::{
 };
 use tokio::sync::oneshot;
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_phoenix-agent");
+/// The agent binary Cargo built for this test, when the test belongs to the agent crate.
+pub const AGENT: &str = match option_env!("CARGO_BIN_EXE_phoenix-agent") {
+    Some(path) => path,
+    None => "",
+};
+
+/// The agent binary: [`AGENT`] in the agent crate's tests; for another crate's tests (the
+/// control plane's), the `phoenix-agent` beside the test executable's `deps/` folder, which
+/// `cargo test --workspace` (or `-p phoenix-agent -p phoenix-control-plane`) builds from the
+/// same tree first. That one is pinned at the first call: hard-linked (or copied) beside the
+/// test executable, so a build of another tree into a shared target dir later in the run
+/// cannot swap it under the remaining tests.
+pub fn agent_bin() -> PathBuf {
+    if !AGENT.is_empty() {
+        return PathBuf::from(AGENT);
+    }
+    static PINNED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PINNED
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            let shared = exe
+                .parent()
+                .and_then(|deps| deps.parent())
+                .expect("target dir")
+                .join("phoenix-agent");
+            let name = exe
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let pinned = exe.with_file_name(format!("{name}-phoenix-agent"));
+            let _ = std::fs::remove_file(&pinned);
+            if std::fs::hard_link(&shared, &pinned).is_ok()
+                || std::fs::copy(&shared, &pinned).is_ok()
+            {
+                pinned
+            } else {
+                shared
+            }
+        })
+        .clone()
+}
 
 /// A free loopback port (the OS picks; the tiny window before the agent binds is accepted).
 pub fn free_port() -> u16 {
@@ -84,7 +124,7 @@ impl Agent {
         let config = dir.path().join("agent.yaml");
         std::fs::write(&config, ports.fill(yaml)).expect("write config");
         let log = std::fs::File::create(dir.path().join("log")).expect("log file");
-        let child = Command::new(AGENT)
+        let child = Command::new(agent_bin())
             .args(["run", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")

@@ -18,6 +18,7 @@ use serde_yaml::Value;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+pub use crate::control::ControlPlaneConfig;
 use crate::exporter::{self, ExporterConfig};
 use crate::processor::{self, ProcessorConfig};
 use crate::receiver::{self, ReceiverConfig};
@@ -236,6 +237,9 @@ struct RawConfig {
     /// How long shutdown may take to drain queues and batches to exporters.
     #[serde(default = "default_grace", with = "humantime_serde")]
     shutdown_grace_period: Duration,
+    /// Optional connection to a Phoenix control plane.
+    #[serde(default)]
+    control_plane: Option<ControlPlaneConfig>,
 }
 
 pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -254,6 +258,7 @@ pub struct AgentConfig {
     pub pipelines: IndexMap<String, PipelineSpec>,
     pub telemetry: TelemetryConfig,
     pub shutdown_grace_period: Duration,
+    pub control_plane: Option<ControlPlaneConfig>,
     /// SHA-256 of the effective (substituted) configuration, hex, first 16 bytes.
     pub hash: String,
 }
@@ -269,11 +274,13 @@ impl AgentConfig {
 
     /// Parses `text`; `source` names the file in errors.
     pub fn from_yaml(text: &str, source: &Path) -> Result<Self, ConfigError> {
+        Self::from_value(parse_yaml(text, source)?, source)
+    }
+
+    /// Builds the config from a YAML value not yet substituted (a file's content, or a file
+    /// merged with a control-plane offer); `source` names it in errors.
+    pub fn from_value(mut value: Value, source: &Path) -> Result<Self, ConfigError> {
         let file = source.to_path_buf();
-        let mut value: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
         let mut issues = Vec::new();
         env::substitute(&mut value, "", &mut issues);
         if !issues.is_empty() {
@@ -294,6 +301,23 @@ impl AgentConfig {
             Err(ConfigError::Invalid { file, issues })
         }
     }
+}
+
+/// Parses YAML text into a value, naming `source` in the error.
+pub fn parse_yaml(text: &str, source: &Path) -> Result<Value, ConfigError> {
+    serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
+        file: source.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Reads and parses a config file's YAML, not yet substituted.
+pub fn read_yaml(path: &Path) -> Result<Value, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    parse_yaml(&text, path)
 }
 
 fn parse_components<C: ?Sized>(
@@ -447,6 +471,15 @@ fn build(raw: RawConfig, source: PathBuf, hash: String, issues: &mut Vec<Issue>)
         }
     }
 
+    if let Some(control_plane) = &raw.control_plane {
+        issues.extend(
+            control_plane
+                .validate()
+                .into_iter()
+                .map(|i| i.under("control_plane")),
+        );
+    }
+
     AgentConfig {
         source,
         receivers,
@@ -455,6 +488,7 @@ fn build(raw: RawConfig, source: PathBuf, hash: String, issues: &mut Vec<Issue>)
         pipelines: raw.pipelines,
         telemetry: raw.telemetry,
         shutdown_grace_period: raw.shutdown_grace_period,
+        control_plane: raw.control_plane,
         hash,
     }
 }

@@ -90,6 +90,10 @@ metric_defs! {
         "Configuration reloads by result (success, failure).";
     CONFIG_INFO = "phoenix_config_info", Gauge, Count, ["hash"],
         "1 for the hash of the configuration that is running.";
+    CONTROL_PLANE_CONNECTED = "phoenix_control_plane_connected", Gauge, Count, [],
+        "1 while the agent's stream to the control plane is open, 0 otherwise.";
+    CONFIG_OFFERS = "phoenix_config_offers_total", Counter, Count, ["result"],
+        "Config offers received from the control plane, by result (applied, failed).";
     BUILD_INFO = "phoenix_build_info", Gauge, Count, ["version"],
         "1, labelled with the agent's version.";
 }
