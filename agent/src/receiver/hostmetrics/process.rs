@@ -258,8 +258,11 @@ struct ProcFiles {
     ino: u64,
     /// `starttime` of the process the files were opened for, once read.
     starttime: Option<u64>,
-    /// `/proc/PID` itself: `fstat` gives the owner, `readlinkat` the executable.
+    /// `/proc/PID` itself: `fstat` gives the owner, `openat` the files below.
     dir: OwnedFd,
+    /// The `exe` link itself (`O_PATH`): `readlinkat(exe, "")` reads it without looking it up
+    /// in the directory, which is 40% of a `readlink`'s cost.
+    exe: Option<OwnedFd>,
     stat: Option<File>,
     cmdline: Option<File>,
     io: Option<File>,
@@ -278,6 +281,7 @@ impl ProcFiles {
             ino,
             starttime: None,
             dir: rustix::fs::open(dir, flags, Mode::empty())?,
+            exe: None,
             stat: None,
             cmdline: None,
             io: None,
@@ -289,10 +293,8 @@ impl ProcFiles {
 
     /// Descriptors held, the directory's included.
     fn count(&self) -> usize {
-        1 + [&self.stat, &self.cmdline, &self.io, &self.status]
-            .iter()
-            .filter(|f| f.is_some())
-            .count()
+        let files = [&self.stat, &self.cmdline, &self.io, &self.status];
+        1 + usize::from(self.exe.is_some()) + files.iter().filter(|f| f.is_some()).count()
     }
 }
 
@@ -316,6 +318,32 @@ fn read_file<'b>(
         *slot = Some(file);
     }
     Ok(buf.bytes())
+}
+
+/// The target of the process's `exe` link, through the link kept in `slot` (opened first when
+/// there is none, kept if `keep`). Each read asks procfs for the process's executable of now.
+fn read_exe(
+    dir: &OwnedFd,
+    slot: &mut Option<OwnedFd>,
+    keep: bool,
+    buf: Vec<u8>,
+) -> io::Result<std::ffi::CString> {
+    if let Some(link) = slot.as_ref() {
+        return Ok(rustix::fs::readlinkat(link, "", buf)?);
+    }
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let link = rustix::fs::openat(dir, "exe", flags, Mode::empty())?;
+    match rustix::fs::readlinkat(&link, "", buf) {
+        Ok(target) => {
+            if keep {
+                *slot = Some(link);
+            }
+            Ok(target)
+        }
+        // Not a link (`ENOENT` then, which would read as an exited process): what a plain
+        // `readlink` says.
+        Err(_) => Ok(rustix::fs::readlinkat(dir, "exe", Vec::new())?),
+    }
 }
 
 pub struct ProcessScraper {
@@ -629,15 +657,15 @@ impl ProcessScraper {
         // Kernel threads and zombies have no executable; that is not an error.
         let no_exe = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
         let exe = if a.executable_path && !no_exe {
-            let buf = std::mem::take(&mut self.link);
-            match rustix::fs::readlinkat(&files.dir, "exe", buf) {
+            let (keep, buf) = (may_keep(files), std::mem::take(&mut self.link));
+            match read_exe(&files.dir, &mut files.exe, keep, buf) {
                 Ok(target) => {
                     let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
                     self.link = target.into_bytes();
                     Some(exe)
                 }
                 Err(err) => {
-                    gone_or!(io::Error::from(err), Reason::Exe, s.mute_exe, "exe");
+                    gone_or!(err, Reason::Exe, s.mute_exe, "exe");
                     None
                 }
             }

@@ -693,9 +693,9 @@ fn files_of_vanished_processes_are_closed() {
     let mut scrapers = Scrapers::new(&config(dir.path(), "  process: {}\n"), KERNEL);
     let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
     let first = scrapers.scrape(at(NOW_SECS));
-    // Per process with the defaults: its directory, stat, cmdline and io.
-    assert_eq!(first.open_files, 12);
-    assert_eq!(fds_under(dir.path()), 12);
+    // Per process with the defaults: its directory, exe link, stat, cmdline and io.
+    assert_eq!(first.open_files, 15);
+    assert_eq!(fds_under(dir.path()), 15);
 
     std::fs::remove_dir_all(dir.path().join("proc/101")).unwrap();
     let second = scrapers.scrape(at(NOW_SECS + 10));
@@ -703,8 +703,8 @@ fn files_of_vanished_processes_are_closed() {
         by_pid(&second).keys().copied().collect::<Vec<_>>(),
         vec![100, 102]
     );
-    assert_eq!(second.open_files, 8);
-    assert_eq!(fds_under(dir.path()), 8);
+    assert_eq!(second.open_files, 10);
+    assert_eq!(fds_under(dir.path()), 10);
     drop(scrapers);
     assert_eq!(fds_under(dir.path()), 0);
 }
@@ -742,6 +742,7 @@ fn beyond_max_open_files_every_process_is_still_read() {
         }
     }
     assert_eq!(by_pid(&unlimited[1]).len(), 6);
-    // stat, status, cmdline, io and the directory of each process.
-    assert_eq!(unlimited[1].open_files, 6 * 5 - 1, "104's io is unreadable");
+    // The directory, exe, stat, status, cmdline and io of each process; 104's io and exe
+    // are unreadable (not kept), 102 is a kernel thread (no exe).
+    assert_eq!(unlimited[1].open_files, 6 * 6 - 3);
 }
