@@ -746,3 +746,24 @@ fn beyond_max_open_files_every_process_is_still_read() {
     // are unreadable (not kept), 102 is a kernel thread (no exe).
     assert_eq!(unlimited[1].open_files, 6 * 6 - 3);
 }
+
+/// The `hostmetrics` example of docs/configuration.md (which shows `max_open_files`) is a
+/// complete, valid agent config.
+#[test]
+fn the_configuration_reference_example_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let section = text.split("### `hostmetrics`").nth(1).unwrap();
+    let block = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    assert!(block.contains("max_open_files"));
+    let parsed = crate::config::AgentConfig::from_yaml(block, Path::new("docs/configuration.md"));
+    assert!(
+        parsed.is_ok(),
+        "{block}\n{:?}",
+        parsed.err().map(|e| e.to_string())
+    );
+}
