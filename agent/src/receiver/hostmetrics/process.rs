@@ -240,9 +240,10 @@ impl Users {
     }
 }
 
-/// `max_open_files` when not configured: half the soft `RLIMIT_NOFILE` (raised to the hard
-/// limit at agent start), leaving the rest to sockets and other files.
-pub fn default_max_open_files() -> usize {
+/// `max_open_files` when not configured, and its upper bound: half the soft `RLIMIT_NOFILE`
+/// (raised to the hard limit at agent start), leaving the rest to sockets and other files.
+/// Beyond the limit every open would fail, skipping processes instead of only costing more.
+fn open_files_bound() -> usize {
     /// Enough for ~250,000 processes; bounds an unlimited or huge limit.
     const CAP: u64 = 1 << 20;
     let (soft, _) = procfs::open_files_limit();
@@ -320,8 +321,9 @@ fn read_file<'b>(
     Ok(buf.bytes())
 }
 
-/// The target of the process's `exe` link, through the link kept in `slot` (opened first when
-/// there is none, kept if `keep`). Each read asks procfs for the process's executable of now.
+/// The target of the process's `exe` link, through the link kept in `slot`, opened (with
+/// `O_PATH`) and kept first when there is none and `keep` allows; otherwise a plain
+/// `readlinkat`. Each read asks procfs for the process's executable of now.
 fn read_exe(
     dir: &OwnedFd,
     slot: &mut Option<OwnedFd>,
@@ -331,18 +333,20 @@ fn read_exe(
     if let Some(link) = slot.as_ref() {
         return Ok(rustix::fs::readlinkat(link, "", buf)?);
     }
+    if !keep {
+        return Ok(rustix::fs::readlinkat(dir, "exe", buf)?);
+    }
     let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let link = rustix::fs::openat(dir, "exe", flags, Mode::empty())?;
     match rustix::fs::readlinkat(&link, "", buf) {
         Ok(target) => {
-            if keep {
-                *slot = Some(link);
-            }
+            *slot = Some(link);
             Ok(target)
         }
-        // Not a link (`ENOENT` then, which would read as an exited process): what a plain
-        // `readlink` says.
-        Err(_) => Ok(rustix::fs::readlinkat(dir, "exe", Vec::new())?),
+        // Exited, or not a link (the fixture's unreadable `exe`, a directory): a plain
+        // `readlink` tells which (`ENOENT` or `EINVAL`).
+        Err(rustix::io::Errno::NOENT) => Ok(rustix::fs::readlinkat(dir, "exe", Vec::new())?),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -372,9 +376,8 @@ pub struct ProcessScraper {
 
 impl ProcessScraper {
     pub fn new(settings: Arc<ProcessSettings>, proc_dir: &Path, root: &Path) -> Self {
-        let max_open_files = settings
-            .max_open_files
-            .unwrap_or_else(default_max_open_files);
+        let bound = open_files_bound();
+        let max_open_files = settings.max_open_files.map_or(bound, |n| n.min(bound));
         Self {
             settings,
             proc_dir: proc_dir.to_path_buf(),
