@@ -57,6 +57,7 @@ pub fn main() -> ExitCode {
         },
         Command::Run { config } => {
             init_logging();
+            raise_open_files_limit();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("phoenix-agent")
@@ -76,6 +77,25 @@ pub fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// The hostmetrics process scraper keeps a few `/proc` files open per process; a soft limit
+/// of 1024 would leave most processes to the slower open/read/close path.
+fn raise_open_files_limit() {
+    use crate::receiver::hostmetrics::procfs;
+    match procfs::raise_open_files_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!(
+                ?before,
+                ?after,
+                "raised the soft open-files limit (RLIMIT_NOFILE) to the hard limit"
+            )
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, limit = ?procfs::open_files_limit(), "cannot raise the soft open-files limit (RLIMIT_NOFILE)")
         }
     }
 }

@@ -44,6 +44,10 @@ metric_defs! {
         "What a hostmetrics scrape skipped: reason=vanished (a process exited while being read; skipped), name (its stat unreadable; skipped), exe, io, user, status, fd (one attribute or metric left out, usually for lack of CAP_SYS_PTRACE), read (a host-wide file unreadable). Counted even when a mute_process_*_error option silences the log.";
     RECEIVER_SCRAPE_DURATION = "phoenix_receiver_scrape_duration_seconds", Gauge, Seconds, ["receiver"],
         "Wall time of a hostmetrics receiver's last scrape (reading /proc and building the request).";
+    RECEIVER_SCRAPE_OPEN_FILES = "phoenix_receiver_scrape_open_files", Gauge, Count, ["receiver"],
+        "/proc files a hostmetrics receiver keeps open between scrapes (re-read in place instead of reopened), at most scrapers.process.max_open_files.";
+    RECEIVER_SCRAPE_UNCACHED = "phoenix_receiver_scrape_uncached_processes_total", Counter, Count, ["receiver"],
+        "Processes a hostmetrics scrape read by opening and closing their files because keeping them open would exceed scrapers.process.max_open_files.";
     PIPELINE_INCOMING = "phoenix_pipeline_incoming_datapoints_total", Counter, Count, ["pipeline"],
         "Data points that entered a pipeline's queue.";
     PIPELINE_DROPPED = "phoenix_pipeline_dropped_datapoints_total", Counter, Count, ["pipeline", "reason"],

@@ -413,6 +413,11 @@ pub struct ScrapeContext<'a> {
     /// Scrape time, ns since the epoch.
     pub now: u64,
     pub errors: &'a mut ScrapeErrors,
+    /// `/proc` files the scrapers keep open after this scrape.
+    pub open_files: u64,
+    /// Processes read with files opened and closed in this scrape because keeping them
+    /// open would exceed `max_open_files`.
+    pub uncached_processes: u64,
     host_stat: Option<procfs::HostStat>,
 }
 
@@ -496,6 +501,10 @@ pub struct Scrapers {
 pub struct ScrapeOutput {
     pub request: ExportMetricsServiceRequest,
     pub errors: ScrapeErrors,
+    /// See [`ScrapeContext::open_files`].
+    pub open_files: u64,
+    /// See [`ScrapeContext::uncached_processes`].
+    pub uncached_processes: u64,
 }
 
 impl Scrapers {
@@ -556,12 +565,20 @@ impl Scrapers {
             kernel: self.kernel,
             now,
             errors: &mut errors,
+            open_files: 0,
+            uncached_processes: 0,
             host_stat: None,
         };
         for (_, scraper) in &mut self.running {
             scraper.scrape(&mut ctx, &mut request);
         }
-        ScrapeOutput { request, errors }
+        let (open_files, uncached_processes) = (ctx.open_files, ctx.uncached_processes);
+        ScrapeOutput {
+            request,
+            errors,
+            open_files,
+            uncached_processes,
+        }
     }
 }
 
@@ -613,6 +630,8 @@ struct ReceiverMetrics {
     requests_refused: Counter,
     refused_full: Counter,
     duration: metrics::Gauge,
+    open_files: metrics::Gauge,
+    uncached: Counter,
 }
 
 impl ReceiverMetrics {
@@ -623,7 +642,9 @@ impl ReceiverMetrics {
             requests_accepted: metrics::counter!(telemetry::RECEIVER_REQUESTS, "receiver" => r.clone(), "transport" => TRANSPORT, "outcome" => "accepted"),
             requests_refused: metrics::counter!(telemetry::RECEIVER_REQUESTS, "receiver" => r.clone(), "transport" => TRANSPORT, "outcome" => "refused"),
             refused_full: metrics::counter!(telemetry::RECEIVER_REFUSED, "receiver" => r.clone(), "transport" => TRANSPORT, "reason" => "pipelines_full"),
-            duration: metrics::gauge!(telemetry::RECEIVER_SCRAPE_DURATION, "receiver" => r),
+            duration: metrics::gauge!(telemetry::RECEIVER_SCRAPE_DURATION, "receiver" => r.clone()),
+            open_files: metrics::gauge!(telemetry::RECEIVER_SCRAPE_OPEN_FILES, "receiver" => r.clone()),
+            uncached: metrics::counter!(telemetry::RECEIVER_SCRAPE_UNCACHED, "receiver" => r),
         }
     }
 }
@@ -647,6 +668,7 @@ async fn run(
     let mut ticks = interval(config.collection_interval, config.initial_delay);
     // (scraper, reason) pairs already logged at warn level; later ones go to debug.
     let mut warned = HashSet::new();
+    let mut warned_uncached = false;
     tracing::info!(receiver = %ctx.id, interval = ?config.collection_interval, scrapers = ?config.scrapers.iter().map(|s| s.name).collect::<Vec<_>>(), "hostmetrics receiver started");
     loop {
         tokio::select! {
@@ -678,6 +700,12 @@ async fn run(
                 match joined {
                     Ok((set, output)) => {
                         scrapers = Some(set);
+                        metrics.open_files.set(output.open_files as f64);
+                        metrics.uncached.increment(output.uncached_processes);
+                        if output.uncached_processes > 0 && !warned_uncached {
+                            warned_uncached = true;
+                            tracing::warn!(receiver = %ctx.id, open_files = output.open_files, uncached = output.uncached_processes, "scrapers.process.max_open_files reached: the other processes' files are opened and closed every scrape, at a higher CPU cost (counted in phoenix_receiver_scrape_uncached_processes_total; logged once)");
+                        }
                         record_errors(&ctx, &output.errors, &mut warned);
                         dispatch(&ctx, &metrics, output.request).await;
                     }

@@ -2,11 +2,17 @@
 //! exe,io,fd}`, with the Collector's resource attributes and metrics.
 //!
 //! Files are read only when an enabled metric or attribute needs them, into buffers reused
-//! for every process. A process that exits between listing and reading is skipped and
-//! counted (`reason="vanished"`); a file the agent may not read (another user's `io` or `exe`
-//! without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
+//! for every process. A process's files stay open from one scrape to the next and are re-read
+//! from offset 0 (up to `max_open_files`; beyond it, open/read/close): opening a `/proc` file
+//! costs more than generating its content. A process that exits between listing and reading
+//! is skipped and counted (`reason="vanished"`); a file the agent may not read (another user's
+//! `io` or `exe` without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,6 +21,7 @@ use ahash::AHashMap;
 use indexmap::IndexMap;
 use opentelemetry_proto::tonic::metrics::v1::Metric;
 use opentelemetry_proto::tonic::resource::v1::Resource;
+use rustix::fs::{Mode, OFlags};
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -53,6 +60,9 @@ struct RawProcessConfig {
     resource_attributes: IndexMap<String, Toggle>,
     #[serde(default)]
     metrics: IndexMap<String, Toggle>,
+    /// Files kept open across scrapes; the default is derived from `RLIMIT_NOFILE`.
+    #[serde(default)]
+    max_open_files: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -104,6 +114,7 @@ pub struct ProcessSettings {
     scrape_process_delay: Duration,
     attributes: Attributes,
     metrics: Metrics,
+    max_open_files: Option<usize>,
 }
 
 pub fn parse(value: Value, issues: &mut Vec<Issue>) -> Option<ProcessSettings> {
@@ -168,6 +179,7 @@ pub fn parse(value: Value, issues: &mut Vec<Issue>) -> Option<ProcessSettings> {
         scrape_process_delay: raw.scrape_process_delay,
         attributes,
         metrics,
+        max_open_files: raw.max_open_files,
     })
 }
 
@@ -228,6 +240,116 @@ impl Users {
     }
 }
 
+/// `max_open_files` when not configured, and its upper bound: half the soft `RLIMIT_NOFILE`
+/// (raised to the hard limit at agent start), leaving the rest to sockets and other files.
+/// Beyond the limit every open would fail, skipping processes instead of only costing more.
+fn open_files_bound() -> usize {
+    /// Enough for ~250,000 processes; bounds an unlimited or huge limit.
+    const CAP: u64 = 1 << 20;
+    let (soft, _) = procfs::open_files_limit();
+    usize::try_from(soft.unwrap_or(CAP).min(CAP) / 2).unwrap_or(0)
+}
+
+/// One process's `/proc/PID` files, kept open from one scrape to the next. A descriptor
+/// refers to the process it was opened for: once that exits, reads fail with `ESRCH` even
+/// when a new process has taken the PID, so a reused PID is never read through old files.
+#[derive(Debug)]
+struct ProcFiles {
+    /// Inode of `/proc/PID` in the listing: a new process under the same PID has a new one.
+    ino: u64,
+    /// `starttime` of the process the files were opened for, once read.
+    starttime: Option<u64>,
+    /// `/proc/PID` itself: `fstat` gives the owner, `openat` the files below.
+    dir: OwnedFd,
+    /// The `exe` link itself (`O_PATH`): `readlinkat(exe, "")` reads it without looking it up
+    /// in the directory, which is 40% of a `readlink`'s cost.
+    exe: Option<OwnedFd>,
+    stat: Option<File>,
+    cmdline: Option<File>,
+    io: Option<File>,
+    status: Option<File>,
+    /// Within `max_open_files`: the files stay open after the scrape. Otherwise each is
+    /// closed once read, as when nothing is kept.
+    keep: bool,
+    /// The last scrape whose listing had the process.
+    generation: u64,
+}
+
+impl ProcFiles {
+    fn open(dir: &Path, ino: u64, keep: bool, generation: u64) -> io::Result<Self> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        Ok(Self {
+            ino,
+            starttime: None,
+            dir: rustix::fs::open(dir, flags, Mode::empty())?,
+            exe: None,
+            stat: None,
+            cmdline: None,
+            io: None,
+            status: None,
+            keep,
+            generation,
+        })
+    }
+
+    /// Descriptors held, the directory's included.
+    fn count(&self) -> usize {
+        let files = [&self.stat, &self.cmdline, &self.io, &self.status];
+        1 + usize::from(self.exe.is_some()) + files.iter().filter(|f| f.is_some()).count()
+    }
+}
+
+/// Reads `name` in the process's directory through the file kept in `slot`, opening it first
+/// when there is none; a newly opened file is kept only if `keep` and the read succeeded
+/// (a file that fails is opened again next time, as it was before files were kept).
+fn read_file<'b>(
+    dir: &OwnedFd,
+    slot: &mut Option<File>,
+    name: &str,
+    keep: bool,
+    buf: &'b mut FileBuf,
+) -> io::Result<&'b [u8]> {
+    if let Some(file) = slot.as_ref() {
+        return buf.read_at(file);
+    }
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+    let file = File::from(rustix::fs::openat(dir, name, flags, Mode::empty())?);
+    buf.read_at(&file)?;
+    if keep {
+        *slot = Some(file);
+    }
+    Ok(buf.bytes())
+}
+
+/// The target of the process's `exe` link, through the link kept in `slot`, opened (with
+/// `O_PATH`) and kept first when there is none and `keep` allows; otherwise a plain
+/// `readlinkat`. Each read asks procfs for the process's executable of now.
+fn read_exe(
+    dir: &OwnedFd,
+    slot: &mut Option<OwnedFd>,
+    keep: bool,
+    buf: Vec<u8>,
+) -> io::Result<std::ffi::CString> {
+    if let Some(link) = slot.as_ref() {
+        return Ok(rustix::fs::readlinkat(link, "", buf)?);
+    }
+    if !keep {
+        return Ok(rustix::fs::readlinkat(dir, "exe", buf)?);
+    }
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let link = rustix::fs::openat(dir, "exe", flags, Mode::empty())?;
+    match rustix::fs::readlinkat(&link, "", buf) {
+        Ok(target) => {
+            *slot = Some(link);
+            Ok(target)
+        }
+        // Exited, or not a link (the fixture's unreadable `exe`, a directory): a plain
+        // `readlink` tells which (`ENOENT` or `EINVAL`).
+        Err(rustix::io::Errno::NOENT) => Ok(rustix::fs::readlinkat(dir, "exe", Vec::new())?),
+        Err(err) => Err(err.into()),
+    }
+}
+
 pub struct ProcessScraper {
     settings: Arc<ProcessSettings>,
     proc_dir: PathBuf,
@@ -236,14 +358,26 @@ pub struct ProcessScraper {
     status: FileBuf,
     cmdline: FileBuf,
     io: FileBuf,
+    /// Reused for `readlinkat` of `exe`.
+    link: Vec<u8>,
     command_line: String,
     users: Users,
     previous: AHashMap<u32, CpuSample>,
     generation: u64,
+    /// Kept-open files by PID; `open_files` counts their descriptors, at most
+    /// `max_open_files` (between reads of one process, its own are not counted).
+    files: AHashMap<u32, ProcFiles>,
+    open_files: usize,
+    max_open_files: usize,
+    /// The `getdents` buffer for listing `<proc>`, and the PIDs and inodes listed.
+    dirents: Vec<MaybeUninit<u8>>,
+    listed: Vec<(u32, u64)>,
 }
 
 impl ProcessScraper {
     pub fn new(settings: Arc<ProcessSettings>, proc_dir: &Path, root: &Path) -> Self {
+        let bound = open_files_bound();
+        let max_open_files = settings.max_open_files.map_or(bound, |n| n.min(bound));
         Self {
             settings,
             proc_dir: proc_dir.to_path_buf(),
@@ -252,11 +386,36 @@ impl ProcessScraper {
             status: FileBuf::default(),
             cmdline: FileBuf::default(),
             io: FileBuf::default(),
+            link: Vec::new(),
             command_line: String::new(),
             users: Users::new(root),
             previous: AHashMap::new(),
             generation: 0,
+            files: AHashMap::new(),
+            open_files: 0,
+            max_open_files,
+            dirents: vec![MaybeUninit::uninit(); 32 * 1024],
+            listed: Vec::new(),
         }
+    }
+
+    /// Lists the PIDs in `<proc>` (and their directories' inodes) into `self.listed`, with
+    /// no allocation per entry. `<proc>` is opened anew each time, in case something was
+    /// mounted there since.
+    fn list(&mut self) -> io::Result<()> {
+        self.listed.clear();
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = rustix::fs::open(&self.proc_dir, flags, Mode::empty())?;
+        let mut dir = rustix::fs::RawDir::new(&fd, &mut self.dirents);
+        while let Some(entry) = dir.next() {
+            let entry = entry?;
+            let pid = procfs::parse_u64(entry.file_name().to_bytes())
+                .and_then(|pid| u32::try_from(pid).ok());
+            if let Some(pid) = pid {
+                self.listed.push((pid, entry.ino()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -274,20 +433,22 @@ struct Host {
 enum Outcome {
     Emitted(Box<opentelemetry_proto::tonic::metrics::v1::ResourceMetrics>),
     Skipped,
+    /// It exited while being read (counted); its files are closed.
+    Vanished,
+    /// Files kept from an earlier scrape belong to a process that has exited or (by its
+    /// start time) is not the one now under the PID; nothing was counted yet.
+    Stale,
 }
 
 impl Scraper for ProcessScraper {
     fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest) {
-        let entries = match std::fs::read_dir(&self.proc_dir) {
-            Ok(entries) => entries,
-            Err(err) => {
-                let dir = &self.proc_dir;
-                ctx.errors.add(NAME, Reason::Read, false, || {
-                    format!("{}: {err}", dir.display())
-                });
-                return;
-            }
-        };
+        if let Err(err) = self.list() {
+            let dir = &self.proc_dir;
+            ctx.errors.add(NAME, Reason::Read, false, || {
+                format!("{}: {err}", dir.display())
+            });
+            return;
+        }
         let stat = ctx.host_stat();
         let m = self.settings.metrics;
         let mem_total = if m.memory_utilization {
@@ -309,35 +470,117 @@ impl Scraper for ProcessScraper {
             self.users.refresh();
         }
         self.generation += 1;
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if let Outcome::Emitted(rm) = self.read_process(pid, &host, ctx) {
+        let listed = std::mem::take(&mut self.listed);
+        for &(pid, ino) in &listed {
+            if let Outcome::Emitted(rm) = self.read_process(pid, ino, &host, ctx) {
                 out.resource_metrics.push(*rm);
             }
         }
+        self.listed = listed;
         let generation = self.generation;
         self.previous.retain(|_, s| s.generation == generation);
+        // Processes no longer listed: their files close here.
+        self.files.retain(|_, f| f.generation == generation);
+        self.open_files = self.files.values().map(ProcFiles::count).sum();
+        ctx.open_files += self.open_files as u64;
     }
 }
 
 impl ProcessScraper {
-    fn read_process(&mut self, pid: u32, host: &Host, ctx: &mut ScrapeContext<'_>) -> Outcome {
+    /// Reads one listed process through its kept files, or files opened now (kept when the
+    /// budget allows).
+    fn read_process(
+        &mut self,
+        pid: u32,
+        ino: u64,
+        host: &Host,
+        ctx: &mut ScrapeContext<'_>,
+    ) -> Outcome {
+        let kept = self.files.remove(&pid);
+        if let Some(files) = &kept {
+            self.open_files = self.open_files.saturating_sub(files.count());
+        }
+        // Another inode: the PID now names another process; the old files close here.
+        let kept = kept.filter(|f| f.ino == ino);
+        let mut files = match kept {
+            Some(files) => files,
+            None => match self.open_process(pid, ino, ctx) {
+                Some(files) => files,
+                None => return Outcome::Skipped,
+            },
+        };
+        files.generation = self.generation;
+        let mut outcome = self.read_files(pid, &mut files, host, ctx);
+        if matches!(outcome, Outcome::Stale) {
+            // The PID is still listed, maybe for a new process: read it as a new one.
+            drop(files);
+            files = match self.open_process(pid, ino, ctx) {
+                Some(files) => files,
+                None => return Outcome::Skipped,
+            };
+            files.generation = self.generation;
+            outcome = self.read_files(pid, &mut files, host, ctx);
+        }
+        match outcome {
+            Outcome::Vanished | Outcome::Stale => Outcome::Skipped,
+            outcome => {
+                if files.keep {
+                    self.open_files += files.count();
+                    self.files.insert(pid, files);
+                }
+                outcome
+            }
+        }
+    }
+
+    /// Opens `<proc>/PID`, to be kept if the budget has room for it and its `stat`.
+    fn open_process(
+        &mut self,
+        pid: u32,
+        ino: u64,
+        ctx: &mut ScrapeContext<'_>,
+    ) -> Option<ProcFiles> {
+        let keep = self.open_files + 2 <= self.max_open_files;
+        if !keep {
+            ctx.uncached_processes += 1;
+        }
+        self.path.set_pid(pid);
+        match ProcFiles::open(self.path.file(""), ino, keep, self.generation) {
+            Ok(files) => Some(files),
+            Err(err) => {
+                if procfs::is_gone(&err) {
+                    ctx.errors
+                        .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
+                } else {
+                    let mute = self.settings.mute_name;
+                    ctx.errors
+                        .add(NAME, Reason::Name, mute, || format!("pid {pid}: {err}"));
+                }
+                None
+            }
+        }
+    }
+
+    fn read_files(
+        &mut self,
+        pid: u32,
+        files: &mut ProcFiles,
+        host: &Host,
+        ctx: &mut ScrapeContext<'_>,
+    ) -> Outcome {
         let s = Arc::clone(&self.settings);
         let (a, m) = (s.attributes, s.metrics);
         self.path.set_pid(pid);
+        // Descriptors this process may keep: what the others leave of the budget.
+        let room = self.max_open_files.saturating_sub(self.open_files);
+        let may_keep = |files: &ProcFiles| files.keep && files.count() < room;
         macro_rules! gone_or {
             ($err:expr, $reason:expr, $muted:expr, $what:expr) => {{
                 let err = $err;
                 if procfs::is_gone(&err) {
                     ctx.errors
                         .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
-                    return Outcome::Skipped;
+                    return Outcome::Vanished;
                 }
                 ctx.errors.add(NAME, $reason, $muted, || {
                     format!("pid {pid}: {}: {err}", $what)
@@ -345,8 +588,22 @@ impl ProcessScraper {
             }};
         }
 
-        let stat_bytes = match self.stat.read(self.path.file("stat")) {
+        // The owner before `stat`: `fstat` of the directory of an exited process succeeds
+        // (as root's), and reading `stat` afterwards tells that it exited.
+        let owner_stat = a.owner.then(|| rustix::fs::fstat(&files.dir));
+
+        let keep_stat = may_keep(files);
+        let stat_bytes = match read_file(
+            &files.dir,
+            &mut files.stat,
+            "stat",
+            keep_stat,
+            &mut self.stat,
+        ) {
             Ok(bytes) => bytes,
+            Err(err) if files.starttime.is_some() && procfs::is_gone(&err) => {
+                return Outcome::Stale
+            }
             Err(err) => {
                 gone_or!(err, Reason::Name, s.mute_name, "stat");
                 return Outcome::Skipped;
@@ -359,12 +616,23 @@ impl ProcessScraper {
             });
             return Outcome::Skipped;
         };
+        if files.starttime.is_some_and(|t| t != stat.starttime) {
+            return Outcome::Stale;
+        }
+        files.starttime = Some(stat.starttime);
 
         // The name is `comm`, extended from the command as gopsutil does when the kernel
         // truncated it, so filters see the same names as with the Collector.
         let needs_cmdline = a.command || a.command_line || stat.comm.len() >= COMM_MAX;
         let cmdline: &[u8] = if needs_cmdline {
-            match self.cmdline.read(self.path.file("cmdline")) {
+            let keep = may_keep(files);
+            match read_file(
+                &files.dir,
+                &mut files.cmdline,
+                "cmdline",
+                keep,
+                &mut self.cmdline,
+            ) {
                 Ok(bytes) => bytes,
                 Err(err) => {
                     gone_or!(err, Reason::Name, s.mute_name, "cmdline");
@@ -392,8 +660,13 @@ impl ProcessScraper {
         // Kernel threads and zombies have no executable; that is not an error.
         let no_exe = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
         let exe = if a.executable_path && !no_exe {
-            match std::fs::read_link(self.path.file("exe")) {
-                Ok(path) => Some(path.to_string_lossy().into_owned()),
+            let (keep, buf) = (may_keep(files), std::mem::take(&mut self.link));
+            match read_exe(&files.dir, &mut files.exe, keep, buf) {
+                Ok(target) => {
+                    let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
+                    self.link = target.into_bytes();
+                    Some(exe)
+                }
                 Err(err) => {
                     gone_or!(err, Reason::Exe, s.mute_exe, "exe");
                     None
@@ -403,24 +676,28 @@ impl ProcessScraper {
             None
         };
 
-        // The owner is the uid owning /proc/PID (one stat call), not `status`'s real uid:
-        // generating `status` costs more than all the other files of a process together.
-        let owner_uid = if a.owner {
-            use std::os::unix::fs::MetadataExt as _;
-            match std::fs::metadata(self.path.file("")) {
-                Ok(meta) => Some(meta.uid()),
-                Err(err) => {
-                    gone_or!(err, Reason::User, s.mute_user, "owner");
-                    None
-                }
+        // The owner is the uid owning /proc/PID (`fstat`, which procfs answers from the
+        // process's credentials of now), not `status`'s real uid: generating `status` costs
+        // more than all the other files of a process together.
+        let owner_uid = match owner_stat {
+            Some(Ok(st)) => Some(st.st_uid),
+            Some(Err(err)) => {
+                gone_or!(io::Error::from(err), Reason::User, s.mute_user, "owner");
+                None
             }
-        } else {
-            None
+            None => None,
         };
 
         let needs_status = m.context_switches || m.signals_pending;
         let status = if needs_status {
-            match self.status.read(self.path.file("status")) {
+            let keep = may_keep(files);
+            match read_file(
+                &files.dir,
+                &mut files.status,
+                "status",
+                keep,
+                &mut self.status,
+            ) {
                 Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
                 Err(err) => {
                     gone_or!(err, Reason::Status, false, "status");
@@ -441,7 +718,8 @@ impl ProcessScraper {
         });
 
         let io = if m.disk_io || m.disk_operations {
-            let read = self.io.read(self.path.file("io"));
+            let keep = may_keep(files);
+            let read = read_file(&files.dir, &mut files.io, "io", keep, &mut self.io);
             match read.map(procfs::parse_pid_io) {
                 Ok(Some(io)) => Some(io),
                 Ok(None) => {

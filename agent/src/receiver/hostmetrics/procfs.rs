@@ -2,7 +2,7 @@
 //! files the scrapers need. Nothing here allocates per call once the buffers are warm.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 /// Linux `ESRCH`: what a `/proc/PID` file read returns once the process is gone.
@@ -23,21 +23,30 @@ pub struct FileBuf {
 impl FileBuf {
     /// Reads all of `path` into what is already allocated, growing only when a file is
     /// larger than any before (`/proc` files report size 0, so there is no size hint).
+    pub fn read(&mut self, path: &Path) -> io::Result<&[u8]> {
+        let file = File::open(path)?;
+        self.read_at(&file)
+    }
+
+    /// Reads all of `file` from offset 0 (`pread`), whatever was read from it before:
+    /// procfs generates a file's content afresh on every read from offset 0, so a file kept
+    /// open reads as a new one would, without the path lookup and open.
     ///
     /// A read that leaves room in the buffer is taken as the end of the file, saving the
     /// usual extra read that returns 0: `/proc`'s seq_file and `cmdline` reads return all
     /// they have up to the requested count, as regular files do. Syscalls are most of a
     /// scrape's cost, so this saves about a quarter of them.
-    pub fn read(&mut self, path: &Path) -> io::Result<&[u8]> {
+    pub fn read_at(&mut self, file: &File) -> io::Result<&[u8]> {
+        use std::os::unix::fs::FileExt as _;
         self.len = 0;
-        let mut file = File::open(path)?;
         loop {
             if self.len == self.data.len() {
                 let grown = (self.data.len() * 2).max(4096);
                 self.data.resize(grown, 0);
             }
             let room = self.data.len() - self.len;
-            let n = match file.read(&mut self.data[self.len..]) {
+            let offset = self.len as u64;
+            let n = match file.read_at(&mut self.data[self.len..], offset) {
                 Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err),
@@ -338,6 +347,33 @@ pub fn kernel_constants(proc_dir: &Path) -> (u64, u64) {
         }
     }
     (clk_tck, page_size)
+}
+
+/// The soft and hard `RLIMIT_NOFILE` of this process (`None`: unlimited).
+pub fn open_files_limit() -> (Option<u64>, Option<u64>) {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    (limit.current, limit.maximum)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard one, as Go programs (the Collector among them)
+/// do at start: the soft limit is often 1024 for compatibility with `select()`, which the
+/// agent does not use, and the process scraper keeps a few files open per process.
+/// Returns the soft limit before and after; an error leaves the limit as it was.
+pub fn raise_open_files_limit() -> io::Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    if limit.current == limit.maximum {
+        return Ok((before, before));
+    }
+    setrlimit(
+        Resource::Nofile,
+        rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        },
+    )?;
+    Ok((before, getrlimit(Resource::Nofile).current))
 }
 
 #[cfg(test)]

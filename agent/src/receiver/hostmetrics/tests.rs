@@ -621,3 +621,149 @@ fn reconfigure_keeps_unchanged_scrapers() {
     assert!(all.contains_key("process.cpu.utilization{state=user}"));
     assert!(all.contains_key("system.cpu.load_average.1m{}"));
 }
+
+/// Descriptors of this test process open on files under `dir`.
+fn fds_under(dir: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
+#[test]
+fn a_reused_pid_reports_the_new_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Process::new(100, "old", &["--v1"]);
+    fixture::write(dir.path(), &[old, Process::new(101, "other", &[])]).unwrap();
+    let config = config(
+        dir.path(),
+        "  process: { metrics: { process.cpu.utilization: { enabled: true }, process.uptime: { enabled: true } } }\n",
+    );
+    let mut scrapers = Scrapers::new(&config, KERNEL);
+    let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+    scrapers.scrape(at(NOW_SECS));
+
+    // PID 100 exits and a new process gets it: a new directory, a later start time. The
+    // old one's files, still open, keep their old content.
+    std::fs::remove_dir_all(dir.path().join("proc/100")).unwrap();
+    let mut new = Process::new(100, "new", &["--v2"]);
+    new.starttime = 90_000;
+    new.utime = 7;
+    fixture::write(dir.path(), &[new]).unwrap();
+    let second = scrapers.scrape(at(NOW_SECS + 10));
+    let procs = by_pid(&second);
+    let rm = procs[&100];
+    assert_eq!(
+        resource_attr(rm, "process.executable.name").as_deref(),
+        Some("new")
+    );
+    assert_eq!(
+        resource_attr(rm, "process.command_line").as_deref(),
+        Some("/usr/bin/new --v2")
+    );
+    let v = values(rm);
+    assert_eq!(v["process.cpu.time{state=user}"], 0.07);
+    // Started 900 s after boot, scraped at 1,010 s; no utilization for a new process.
+    assert_eq!(v["process.uptime{}"], 110.0);
+    assert!(!v.keys().any(|k| k.contains("utilization")));
+    assert!(values(procs[&101])
+        .keys()
+        .any(|k| k.contains("utilization")));
+
+    // Same directory, another start time (files rewritten in place): also a new process.
+    let mut third = Process::new(100, "third", &[]);
+    third.starttime = 95_000;
+    fixture::write(dir.path(), &[third]).unwrap();
+    let output = scrapers.scrape(at(NOW_SECS + 20));
+    let rm = by_pid(&output)[&100];
+    assert_eq!(
+        resource_attr(rm, "process.executable.name").as_deref(),
+        Some("third")
+    );
+    assert_eq!(values(rm)["process.uptime{}"], 70.0);
+    assert!(output.errors.counts.is_empty(), "{:?}", output.errors);
+}
+
+#[test]
+fn files_of_vanished_processes_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let procs = [100, 101, 102].map(|pid| Process::new(pid, "sleep", &["9"]));
+    fixture::write(dir.path(), &procs).unwrap();
+    let mut scrapers = Scrapers::new(&config(dir.path(), "  process: {}\n"), KERNEL);
+    let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+    let first = scrapers.scrape(at(NOW_SECS));
+    // Per process with the defaults: its directory, exe link, stat, cmdline and io.
+    assert_eq!(first.open_files, 15);
+    assert_eq!(fds_under(dir.path()), 15);
+
+    std::fs::remove_dir_all(dir.path().join("proc/101")).unwrap();
+    let second = scrapers.scrape(at(NOW_SECS + 10));
+    assert_eq!(
+        by_pid(&second).keys().copied().collect::<Vec<_>>(),
+        vec![100, 102]
+    );
+    assert_eq!(second.open_files, 10);
+    assert_eq!(fds_under(dir.path()), 10);
+    drop(scrapers);
+    assert_eq!(fds_under(dir.path()), 0);
+}
+
+#[test]
+fn beyond_max_open_files_every_process_is_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), &odd_processes()).unwrap();
+    let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+    let scrape_twice = |extra: &str| {
+        let mut scrapers = Scrapers::new(
+            &config(dir.path(), &format!("{ALL_PROCESS_METRICS}{extra}")),
+            KERNEL,
+        );
+        [
+            scrapers.scrape(at(NOW_SECS)),
+            scrapers.scrape(at(NOW_SECS + 10)),
+        ]
+    };
+    let counts = |o: &ScrapeOutput| -> Vec<((&str, Reason), u64)> {
+        o.errors.counts.iter().map(|(k, c)| (*k, c.count)).collect()
+    };
+    let unlimited = scrape_twice("");
+    for (budget, kept_at_most) in [
+        ("    max_open_files: 10\n", 10),
+        ("    max_open_files: 0\n", 0),
+    ] {
+        let limited = scrape_twice(budget);
+        for (all, some) in unlimited.iter().zip(&limited) {
+            assert_eq!(all.uncached_processes, 0);
+            assert!(some.uncached_processes > 0, "{budget}");
+            assert!(some.open_files <= kept_at_most, "{budget}");
+            assert_eq!(some.request, all.request, "{budget}");
+            assert_eq!(counts(some), counts(all), "{budget}");
+        }
+    }
+    assert_eq!(by_pid(&unlimited[1]).len(), 6);
+    // The directory, exe, stat, status, cmdline and io of each process; 104's io and exe
+    // are unreadable (not kept), 102 is a kernel thread (no exe).
+    assert_eq!(unlimited[1].open_files, 6 * 6 - 3);
+}
+
+/// The `hostmetrics` example of docs/configuration.md (which shows `max_open_files`) is a
+/// complete, valid agent config.
+#[test]
+fn the_configuration_reference_example_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+    let text = std::fs::read_to_string(path).unwrap();
+    let section = text.split("### `hostmetrics`").nth(1).unwrap();
+    let block = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    assert!(block.contains("max_open_files"));
+    let parsed = crate::config::AgentConfig::from_yaml(block, Path::new("docs/configuration.md"));
+    assert!(
+        parsed.is_ok(),
+        "{block}\n{:?}",
+        parsed.err().map(|e| e.to_string())
+    );
+}
