@@ -58,6 +58,14 @@ impl Batch {
     }
 
     /// Decodes once; later callers share the result.
+    /// The decoded request, taken if already decoded, decoded otherwise.
+    pub fn into_request(self) -> Result<ExportMetricsServiceRequest, prost::DecodeError> {
+        match self.decoded.into_inner() {
+            Some(decoded) => decoded,
+            None => ExportMetricsServiceRequest::decode(self.bytes),
+        }
+    }
+
     pub fn decoded(&self) -> Result<&ExportMetricsServiceRequest, prost::DecodeError> {
         self.decoded
             .get_or_init(|| ExportMetricsServiceRequest::decode(self.bytes.clone()))
@@ -89,7 +97,13 @@ impl Payload {
     /// The decoded request, owned: a copy when the batch is shared.
     pub fn into_request(self) -> Result<ExportMetricsServiceRequest, prost::DecodeError> {
         match self {
-            Payload::Shared(batch) => batch.decoded().cloned(),
+            // The last holder of a batch (the other pipelines are done with it) takes its
+            // decoded form instead of copying it: a large tree's copy and drop are most of a
+            // decoding pipeline's allocations.
+            Payload::Shared(batch) => match Arc::try_unwrap(batch) {
+                Ok(batch) => batch.into_request(),
+                Err(shared) => shared.decoded().cloned(),
+            },
             Payload::Decoded(request) => Ok(request),
             Payload::Encoded { bytes, .. } => ExportMetricsServiceRequest::decode(bytes),
         }
