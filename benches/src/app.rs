@@ -7,9 +7,7 @@
 //! bytes, and request `i` can be built without the ones before it.
 
 use anyhow::{anyhow, Result};
-use opentelemetry_proto::tonic::common::v1::{
-    any_value::Value, AnyValue, InstrumentationScope, KeyValue,
-};
+use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric::Data, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
     Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
@@ -18,7 +16,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{encode, EncodedRequest, BASE_TIME_UNIX_S, SCRAPE_INTERVAL_S};
+use crate::{encode, int_attr, string_attr, EncodedRequest, BASE_TIME_UNIX_S, SCRAPE_INTERVAL_S};
 use phoenix_agent::otlp::ExportMetricsServiceRequest;
 
 const NANOS: u64 = 1_000_000_000;
@@ -206,26 +204,6 @@ fn latency_shares(median: f64) -> Vec<f64> {
         *w /= total;
     }
     weights
-}
-
-fn string_attr(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(Value::StringValue(value.to_string())),
-        }),
-        ..Default::default()
-    }
-}
-
-fn int_attr(key: &str, value: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(Value::IntValue(value)),
-        }),
-        ..Default::default()
-    }
 }
 
 fn export(instance: &Instance, round: u64) -> ResourceMetrics {

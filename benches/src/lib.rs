@@ -421,7 +421,7 @@ fn command_line(p: &Program, rng: &mut StdRng) -> String {
 
 // ---- one scrape ----
 
-fn string_attr(key: &str, value: &str) -> KeyValue {
+pub(crate) fn string_attr(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.to_string(),
         value: Some(AnyValue {
@@ -431,7 +431,7 @@ fn string_attr(key: &str, value: &str) -> KeyValue {
     }
 }
 
-fn int_attr(key: &str, value: i64) -> KeyValue {
+pub(crate) fn int_attr(key: &str, value: i64) -> KeyValue {
     KeyValue {
         key: key.to_string(),
         value: Some(AnyValue {

@@ -19,10 +19,9 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::merge::{
-    Aggregator, GaugeFn, GaugeOverride, MergeSettings, MergeTelemetry, Projection, SummaryPolicy,
-    Temporality,
+    compile_overrides, Aggregator, GaugeFn, MergeSettings, MergeTelemetry, Projection, RawOverride,
+    SummaryPolicy, Temporality,
 };
-use super::pattern::{Matcher, PatternText};
 use super::window::{now_unix_nanos, Windows};
 use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
@@ -75,13 +74,6 @@ pub struct RawAggregateConfig {
     pub summaries: SummaryPolicy,
 }
 
-/// Settings for the metrics whose name matches an `overrides` pattern.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RawOverride {
-    pub gauge: GaugeFn,
-}
-
 fn default_interval() -> Duration {
     DEFAULT_INTERVAL
 }
@@ -130,17 +122,7 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
             "must be at least 2 (one input and one output series)",
         ));
     }
-    let mut overrides = Vec::new();
-    for (pattern, settings) in &raw.overrides {
-        let path = format!("overrides.{pattern}");
-        if let Some(metrics) = Matcher::compile(&[PatternText(pattern.clone())], &path, &mut issues)
-        {
-            overrides.push(GaugeOverride {
-                metrics,
-                gauge: settings.gauge,
-            });
-        }
-    }
+    let overrides = compile_overrides(&raw.overrides, &mut issues);
     let Some(selection) = selection.filter(|_| issues.is_empty()) else {
         return Err(issues);
     };

@@ -19,12 +19,12 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::aggregate::{RawOverride, DEFAULT_MAX_SERIES, DEFAULT_STALE_AFTER};
+use super::aggregate::{DEFAULT_MAX_SERIES, DEFAULT_STALE_AFTER};
 use super::merge::{
-    append_points, split, Aggregator, GaugeFn, GaugeOverride, MergeSettings, MergeTelemetry,
-    Projection, Route, SummaryPolicy, Temporality,
+    append_points, compile_overrides, split, Aggregator, GaugeFn, MergeSettings, MergeTelemetry,
+    Projection, RawOverride, Route, SummaryPolicy, Temporality,
 };
-use super::pattern::{value_text, Matcher, PatternText};
+use super::pattern::attributes_hash;
 use super::window::{now_unix_nanos, Windows};
 use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
@@ -96,17 +96,7 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
     if raw.max_series < 2 {
         issues.push(Issue::new("max_series", "must be at least 2"));
     }
-    let mut overrides = Vec::new();
-    for (pattern, settings) in &raw.overrides {
-        let path = format!("overrides.{pattern}");
-        if let Some(metrics) = Matcher::compile(&[PatternText(pattern.clone())], &path, &mut issues)
-        {
-            overrides.push(GaugeOverride {
-                metrics,
-                gauge: settings.gauge,
-            });
-        }
-    }
+    let overrides = compile_overrides(&raw.overrides, &mut issues);
     if !issues.is_empty() {
         return Err(issues);
     }
@@ -209,19 +199,6 @@ struct CardinalityLimit {
     scratch: String,
     overflowed: metrics::Counter,
     freed: metrics::Counter,
-}
-
-/// An order-independent hash of attributes, by key and value text.
-fn attributes_hash(hasher: &RandomState, scratch: &mut String, attributes: &[KeyValue]) -> u64 {
-    let mut sum = 0u64;
-    for kv in attributes {
-        let one = match value_text(kv.value.as_ref(), scratch) {
-            Some(text) => hasher.hash_one((&kv.key, text)),
-            None => hasher.hash_one((&kv.key, format!("{:?}", kv.value))),
-        };
-        sum = sum.wrapping_add(one);
-    }
-    sum
 }
 
 impl Processor for CardinalityLimit {

@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::pattern::{value_text, Matcher, PatternText};
+use super::pattern::{find_attribute as find, value_text, Matcher, PatternText};
 use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, Issue};
 use crate::otlp::Payload;
@@ -137,13 +137,6 @@ struct Shared(Arc<ClassifyConfig>);
 struct Classifier {
     config: Arc<ClassifyConfig>,
     scratch: String,
-}
-
-fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
-    attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
 }
 
 impl ClassifyConfig {

@@ -71,6 +71,32 @@ pub struct GaugeOverride {
     pub gauge: GaugeFn,
 }
 
+/// Settings for the metrics whose name matches an `overrides` pattern, as configured.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverride {
+    pub gauge: GaugeFn,
+}
+
+/// Compiles the `overrides` of a merging processor's config, reporting bad patterns.
+pub fn compile_overrides(
+    raw: &IndexMap<String, RawOverride>,
+    issues: &mut Vec<crate::config::Issue>,
+) -> Vec<GaugeOverride> {
+    let mut overrides = Vec::new();
+    for (pattern, settings) in raw {
+        let path = format!("overrides.{pattern}");
+        let patterns = [super::pattern::PatternText(pattern.clone())];
+        if let Some(metrics) = Matcher::compile(&patterns, &path, issues) {
+            overrides.push(GaugeOverride {
+                metrics,
+                gauge: settings.gauge,
+            });
+        }
+    }
+    overrides
+}
+
 /// Everything that decides how series merge.
 #[derive(Debug)]
 pub struct MergeSettings {

@@ -173,3 +173,32 @@ pub fn value_text<'a>(
     };
     Some(scratch)
 }
+
+/// The value of the first attribute named `key`.
+pub fn find_attribute<'a>(
+    attributes: &'a [opentelemetry_proto::tonic::common::v1::KeyValue],
+    key: &str,
+) -> Option<&'a opentelemetry_proto::tonic::common::v1::AnyValue> {
+    attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+}
+
+/// An order-independent hash of attributes, by key and value text (other values by their
+/// debug form).
+pub fn attributes_hash(
+    hasher: &ahash::RandomState,
+    scratch: &mut String,
+    attributes: &[opentelemetry_proto::tonic::common::v1::KeyValue],
+) -> u64 {
+    let mut sum = 0u64;
+    for kv in attributes {
+        let one = match value_text(kv.value.as_ref(), scratch) {
+            Some(text) => hasher.hash_one((&kv.key, text)),
+            None => hasher.hash_one((&kv.key, format!("{:?}", kv.value))),
+        };
+        sum = sum.wrapping_add(one);
+    }
+    sum
+}

@@ -30,12 +30,12 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::aggregate::{RawOverride, DEFAULT_MAX_SERIES, DEFAULT_STALE_AFTER};
+use super::aggregate::{DEFAULT_MAX_SERIES, DEFAULT_STALE_AFTER};
 use super::merge::{
-    append_points, split, Aggregator, GaugeFn, GaugeOverride, MergeSettings, MergeTelemetry,
-    Projection, Route, SummaryPolicy, Temporality,
+    append_points, compile_overrides, split, Aggregator, GaugeFn, MergeSettings, MergeTelemetry,
+    Projection, RawOverride, Route, SummaryPolicy, Temporality,
 };
-use super::pattern::{value_text, Matcher, PatternText};
+use super::pattern::{attributes_hash, find_attribute as find, value_text, Matcher, PatternText};
 use super::window::{duration_nanos, now_unix_nanos, Windows};
 use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
@@ -165,17 +165,7 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
             always_keep.push((key.clone(), matcher));
         }
     }
-    let mut overrides = Vec::new();
-    for (pattern, settings) in &raw.overrides {
-        let path = format!("overrides.{pattern}");
-        if let Some(metrics) = Matcher::compile(&[PatternText(pattern.clone())], &path, &mut issues)
-        {
-            overrides.push(GaugeOverride {
-                metrics,
-                gauge: settings.gauge,
-            });
-        }
-    }
+    let overrides = compile_overrides(&raw.overrides, &mut issues);
     if !issues.is_empty() {
         return Err(issues);
     }
@@ -333,13 +323,6 @@ struct Keys {
     scratch: String,
 }
 
-fn find<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
-    attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-}
-
 impl Keys {
     /// The entity of a point, or `None` when none of the key attributes is present.
     fn entity(&mut self, resource: &[KeyValue], point: &[KeyValue]) -> Option<u64> {
@@ -382,17 +365,8 @@ impl Keys {
         }
     }
 
-    /// An order-independent hash of attributes, by key and value text.
     fn attributes_hash(&mut self, attributes: &[KeyValue]) -> u64 {
-        let mut sum = 0u64;
-        for kv in attributes {
-            let text = match value_text(kv.value.as_ref(), &mut self.scratch) {
-                Some(text) => self.hasher.hash_one((&kv.key, text)),
-                None => self.hasher.hash_one((&kv.key, format!("{:?}", kv.value))),
-            };
-            sum = sum.wrapping_add(text);
-        }
-        sum
+        attributes_hash(&self.hasher, &mut self.scratch, attributes)
     }
 
     /// Adds the `rank_by` points of `metric` to their entities' scores.
