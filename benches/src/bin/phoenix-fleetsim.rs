@@ -777,15 +777,20 @@ async fn run(args: Args) -> Result<Summary> {
     }
 
     let result = simulate(&args, &http, &url, &agent_token, &admin_token, pid, &waves).await;
-    let log = started.as_ref().map(|cp| cp.log.clone());
+    // On failure, the end of the control plane's log (read before its directory goes).
+    let log_tail = match (&result, &started) {
+        (Err(_), Some(cp)) => Some((cp.log.clone(), tail(&cp.log))),
+        _ => None,
+    };
     drop(started);
     if let (Some(dir), false) = (&tempdir, args.keep) {
         let _ = std::fs::remove_dir_all(dir);
     }
-    match (result, log) {
-        (Err(err), Some(log)) if args.keep || args.work_dir.is_some() => {
-            Err(err.context(format!("control-plane log: {}", log.display())))
-        }
+    match (result, log_tail) {
+        (Err(err), Some((log, tail))) => Err(anyhow!(
+            "{err:#}\ncontrol-plane log {} ends with:\n{tail}",
+            log.display()
+        )),
         (result, _) => result,
     }
 }
