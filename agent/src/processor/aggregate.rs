@@ -13,21 +13,20 @@ use std::time::{Duration, Instant};
 use ahash::AHashSet;
 use indexmap::IndexMap;
 use opentelemetry_proto::tonic::common::v1::{InstrumentationScope, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::ResourceMetrics;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::merge::{
-    compile_overrides, Aggregator, GaugeFn, MergeSettings, MergeTelemetry, Projection, RawOverride,
-    SummaryPolicy, Temporality,
+    compile_overrides, push_emitted, Aggregator, GaugeFn, MergeSettings, MergeTelemetry,
+    Projection, RawOverride, SummaryPolicy, Temporality,
 };
 use super::window::{now_unix_nanos, Windows};
 use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
 };
 use crate::config::{self, Issue};
-use crate::otlp::{self, ExportMetricsServiceRequest, Payload};
+use crate::otlp::{self, Payload};
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "aggregate",
@@ -218,15 +217,7 @@ impl Aggregate {
             Some(aggregator) => aggregator.emit(time),
             None => return,
         };
-        push(resource_metrics, out);
-    }
-}
-
-fn push(resource_metrics: Vec<ResourceMetrics>, out: &mut Vec<Payload>) {
-    if !resource_metrics.is_empty() {
-        out.push(Payload::Decoded(ExportMetricsServiceRequest {
-            resource_metrics,
-        }));
+        push_emitted(resource_metrics, out);
     }
 }
 
@@ -274,13 +265,10 @@ impl Processor for Aggregate {
             return;
         }
         let resource_metrics = match self.state.lock().as_mut() {
-            Some(aggregator) => {
-                let now = now_unix_nanos();
-                aggregator.emit(now.max(aggregator.interval_start().saturating_add(1)))
-            }
+            Some(aggregator) => aggregator.emit_now(),
             None => return,
         };
-        push(resource_metrics, out);
+        push_emitted(resource_metrics, out);
     }
 }
 
@@ -291,6 +279,7 @@ mod tests {
     use crate::otlp::testdata::{
         int_attr, number_point, resource_metrics, string_attr, sum_metric,
     };
+    use crate::otlp::ExportMetricsServiceRequest;
     use crate::processor::test_util::{parse_issues, run};
     use crate::processor::StateRegistry;
     use opentelemetry_proto::tonic::metrics::v1::{

@@ -21,8 +21,8 @@ use serde_yaml::Value;
 
 use super::aggregate::{DEFAULT_MAX_SERIES, DEFAULT_STALE_AFTER};
 use super::merge::{
-    append_points, compile_overrides, split, Aggregator, GaugeFn, MergeSettings, MergeTelemetry,
-    Projection, RawOverride, Route, SummaryPolicy, Temporality,
+    append_points, compile_overrides, push_emitted, split, Aggregator, GaugeFn, MergeSettings,
+    MergeTelemetry, Projection, RawOverride, Route, SummaryPolicy, Temporality,
 };
 use super::pattern::attributes_hash;
 use super::window::{now_unix_nanos, Windows};
@@ -30,7 +30,7 @@ use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
 };
 use crate::config::{self, Issue};
-use crate::otlp::{self, ExportMetricsServiceRequest, Payload};
+use crate::otlp::{self, Payload};
 use crate::telemetry;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
@@ -287,11 +287,7 @@ impl Processor for CardinalityLimit {
         slots.window = window + 1;
         drop(guard);
         self.freed.increment(freed);
-        if !resource_metrics.is_empty() {
-            out.push(Payload::Decoded(ExportMetricsServiceRequest {
-                resource_metrics,
-            }));
-        }
+        push_emitted(resource_metrics, out);
     }
 
     fn flush(&mut self, out: &mut Vec<Payload>) {
@@ -299,19 +295,10 @@ impl Processor for CardinalityLimit {
             return;
         }
         let resource_metrics = match self.state.lock().as_mut() {
-            Some(slots) => {
-                let start = slots.overflow.interval_start();
-                slots
-                    .overflow
-                    .emit(now_unix_nanos().max(start.saturating_add(1)))
-            }
+            Some(slots) => slots.overflow.emit_now(),
             None => return,
         };
-        if !resource_metrics.is_empty() {
-            out.push(Payload::Decoded(ExportMetricsServiceRequest {
-                resource_metrics,
-            }));
-        }
+        push_emitted(resource_metrics, out);
     }
 }
 
@@ -320,6 +307,7 @@ mod tests {
     use super::*;
     use crate::config::ComponentId;
     use crate::otlp::testdata::{number_point, resource_metrics, string_attr, sum_metric};
+    use crate::otlp::ExportMetricsServiceRequest;
     use crate::processor::test_util::parse_issues;
     use crate::processor::{state, StateRegistry};
     use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};

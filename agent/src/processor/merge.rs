@@ -1535,6 +1535,13 @@ impl Aggregator {
         Outcome::Merged
     }
 
+    /// Closes the interval now (on flush, between boundaries): at the wall clock, or just
+    /// after the interval's start if the clock is behind it.
+    pub fn emit_now(&mut self) -> Vec<ResourceMetrics> {
+        let now = super::window::now_unix_nanos();
+        self.emit(now.max(self.interval_start.saturating_add(1)))
+    }
+
     /// Closes the interval at `time_unix_nano`: forgets stale series and returns one point
     /// per output series with something to report, grouped by output resource and scope.
     pub fn emit(&mut self, time_unix_nano: u64) -> Vec<ResourceMetrics> {
@@ -1712,6 +1719,15 @@ impl Aggregator {
         self.telemetry
             .publish(&before, &self.counts, self.tracked_series());
         resource_metrics
+    }
+}
+
+/// Hands what an engine emitted on as one request, if it emitted anything.
+pub fn push_emitted(resource_metrics: Vec<ResourceMetrics>, out: &mut Vec<crate::otlp::Payload>) {
+    if !resource_metrics.is_empty() {
+        out.push(crate::otlp::Payload::Decoded(
+            crate::otlp::ExportMetricsServiceRequest { resource_metrics },
+        ));
     }
 }
 

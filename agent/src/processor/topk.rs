@@ -32,8 +32,8 @@ use serde_yaml::Value;
 
 use super::aggregate::{DEFAULT_MAX_SERIES, DEFAULT_STALE_AFTER};
 use super::merge::{
-    append_points, compile_overrides, split, Aggregator, GaugeFn, MergeSettings, MergeTelemetry,
-    Projection, RawOverride, Route, SummaryPolicy, Temporality,
+    append_points, compile_overrides, push_emitted, split, Aggregator, GaugeFn, MergeSettings,
+    MergeTelemetry, Projection, RawOverride, Route, SummaryPolicy, Temporality,
 };
 use super::pattern::{attributes_hash, find_attribute as find, value_text, Matcher, PatternText};
 use super::window::{duration_nanos, now_unix_nanos, Windows};
@@ -41,7 +41,7 @@ use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
 };
 use crate::config::{self, Issue};
-use crate::otlp::{self, ExportMetricsServiceRequest, Payload};
+use crate::otlp::{self, Payload};
 use crate::telemetry;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
@@ -531,11 +531,7 @@ impl Processor for Topk {
         self.evicted
             .increment((before - ranking.rates.len()) as u64);
         drop(guard);
-        if !resource_metrics.is_empty() {
-            out.push(Payload::Decoded(ExportMetricsServiceRequest {
-                resource_metrics,
-            }));
-        }
+        push_emitted(resource_metrics, out);
     }
 
     fn flush(&mut self, out: &mut Vec<Payload>) {
@@ -543,18 +539,10 @@ impl Processor for Topk {
             return;
         }
         let resource_metrics = match self.state.lock().as_mut() {
-            Some(ranking) => {
-                let now = now_unix_nanos();
-                let start = ranking.rollup.interval_start();
-                ranking.rollup.emit(now.max(start.saturating_add(1)))
-            }
+            Some(ranking) => ranking.rollup.emit_now(),
             None => return,
         };
-        if !resource_metrics.is_empty() {
-            out.push(Payload::Decoded(ExportMetricsServiceRequest {
-                resource_metrics,
-            }));
-        }
+        push_emitted(resource_metrics, out);
     }
 }
 
@@ -635,6 +623,7 @@ mod tests {
     use super::*;
     use crate::config::ComponentId;
     use crate::otlp::testdata::{gauge_metric, number_point, resource_metrics, string_attr};
+    use crate::otlp::ExportMetricsServiceRequest;
     use crate::processor::test_util::parse_issues;
     use crate::processor::StateRegistry;
     use opentelemetry_proto::tonic::metrics::v1::ResourceMetrics;
