@@ -31,7 +31,8 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::streams::{
-    self, DropReason, ExpoBuckets, KeyHasher, StreamKey, StreamTable, StreamTelemetry, Tally,
+    self, DropReason, ExpoBuckets, KeyHasher, PointFields, StreamKey, StreamTable, StreamTelemetry,
+    Tally,
 };
 use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
@@ -483,12 +484,7 @@ impl Cumulative {
 }
 
 /// The three cumulative point types, as the conversion sees them.
-trait CumulativePoint {
-    fn attributes(&self) -> &[opentelemetry_proto::tonic::common::v1::KeyValue];
-    fn flags(&self) -> u32;
-    fn start(&self) -> u64;
-    fn time(&self) -> u64;
-    fn set_start(&mut self, start: u64);
+trait CumulativePoint: PointFields {
     /// The value to remember, `None` when there is none to convert. Where the point lacks
     /// a part (a NaN histogram sum), `previous` supplies it.
     fn value(&self, previous: Option<&Cumulative>) -> Option<Cumulative>;
@@ -497,22 +493,6 @@ trait CumulativePoint {
 }
 
 impl CumulativePoint for NumberDataPoint {
-    fn attributes(&self) -> &[opentelemetry_proto::tonic::common::v1::KeyValue] {
-        &self.attributes
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-    fn start(&self) -> u64 {
-        self.start_time_unix_nano
-    }
-    fn time(&self) -> u64 {
-        self.time_unix_nano
-    }
-    fn set_start(&mut self, start: u64) {
-        self.start_time_unix_nano = start;
-    }
-
     fn value(&self, _previous: Option<&Cumulative>) -> Option<Cumulative> {
         match self.value? {
             number_data_point::Value::AsInt(i) => Some(Cumulative::Int(i)),
@@ -564,22 +544,6 @@ fn remembered_sum(current: Option<f64>, previous: Option<&Cumulative>) -> Option
 }
 
 impl CumulativePoint for HistogramDataPoint {
-    fn attributes(&self) -> &[opentelemetry_proto::tonic::common::v1::KeyValue] {
-        &self.attributes
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-    fn start(&self) -> u64 {
-        self.start_time_unix_nano
-    }
-    fn time(&self) -> u64 {
-        self.time_unix_nano
-    }
-    fn set_start(&mut self, start: u64) {
-        self.start_time_unix_nano = start;
-    }
-
     fn value(&self, previous: Option<&Cumulative>) -> Option<Cumulative> {
         Some(Cumulative::Histogram(HistogramValue {
             count: self.count,
@@ -619,22 +583,6 @@ impl CumulativePoint for HistogramDataPoint {
 }
 
 impl CumulativePoint for ExponentialHistogramDataPoint {
-    fn attributes(&self) -> &[opentelemetry_proto::tonic::common::v1::KeyValue] {
-        &self.attributes
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-    fn start(&self) -> u64 {
-        self.start_time_unix_nano
-    }
-    fn time(&self) -> u64 {
-        self.time_unix_nano
-    }
-    fn set_start(&mut self, start: u64) {
-        self.start_time_unix_nano = start;
-    }
-
     fn value(&self, previous: Option<&Cumulative>) -> Option<Cumulative> {
         Some(Cumulative::Exponential(ExponentialValue {
             count: self.count,

@@ -19,7 +19,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric::Data, number_data_point, AggregationTemporality, ExponentialHistogramDataPoint,
     HistogramDataPoint, Metric, NumberDataPoint,
@@ -28,8 +27,8 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use super::streams::{
-    self, add_buckets, halvings_to_fit, DropReason, ExpoBuckets, KeyHasher, StreamTable,
-    StreamTelemetry, Tally,
+    self, add_buckets, halvings_to_fit, DropReason, ExpoBuckets, KeyHasher, PointFields,
+    StreamTable, StreamTelemetry, Tally,
 };
 use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
@@ -388,11 +387,7 @@ impl ExponentialTotal {
 }
 
 /// The three delta point types, as the accumulation sees them.
-trait DeltaPoint {
-    fn attributes(&self) -> &[KeyValue];
-    fn flags(&self) -> u32;
-    fn start(&self) -> u64;
-    fn time(&self) -> u64;
+trait DeltaPoint: PointFields {
     /// The point as a total, `None` when it holds no usable value.
     fn value(&self) -> Option<Accumulated>;
     /// Replaces the point's values by `total`, accumulated since `start`.
@@ -400,19 +395,6 @@ trait DeltaPoint {
 }
 
 impl DeltaPoint for NumberDataPoint {
-    fn attributes(&self) -> &[KeyValue] {
-        &self.attributes
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-    fn start(&self) -> u64 {
-        self.start_time_unix_nano
-    }
-    fn time(&self) -> u64 {
-        self.time_unix_nano
-    }
-
     fn value(&self) -> Option<Accumulated> {
         match self.value? {
             number_data_point::Value::AsInt(i) => Some(Accumulated::Int(i)),
@@ -432,19 +414,6 @@ impl DeltaPoint for NumberDataPoint {
 }
 
 impl DeltaPoint for HistogramDataPoint {
-    fn attributes(&self) -> &[KeyValue] {
-        &self.attributes
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-    fn start(&self) -> u64 {
-        self.start_time_unix_nano
-    }
-    fn time(&self) -> u64 {
-        self.time_unix_nano
-    }
-
     fn value(&self) -> Option<Accumulated> {
         Some(Accumulated::Histogram(HistogramTotal {
             count: self.count,
@@ -471,19 +440,6 @@ impl DeltaPoint for HistogramDataPoint {
 }
 
 impl DeltaPoint for ExponentialHistogramDataPoint {
-    fn attributes(&self) -> &[KeyValue] {
-        &self.attributes
-    }
-    fn flags(&self) -> u32 {
-        self.flags
-    }
-    fn start(&self) -> u64 {
-        self.start_time_unix_nano
-    }
-    fn time(&self) -> u64 {
-        self.time_unix_nano
-    }
-
     fn value(&self) -> Option<Accumulated> {
         Some(Accumulated::Exponential(ExponentialTotal {
             count: self.count,

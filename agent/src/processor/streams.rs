@@ -19,6 +19,44 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use super::BuildContext;
 use crate::telemetry;
 
+/// The fields of a number or histogram data point that stream processing reads, shared by
+/// `cumulativetodelta` and `deltatocumulative`.
+pub trait PointFields {
+    fn attributes(&self) -> &[opentelemetry_proto::tonic::common::v1::KeyValue];
+    fn flags(&self) -> u32;
+    fn start(&self) -> u64;
+    fn time(&self) -> u64;
+    fn set_start(&mut self, start: u64);
+}
+
+macro_rules! point_fields {
+    ($($point:ty),*) => {$(
+        impl PointFields for $point {
+            fn attributes(&self) -> &[opentelemetry_proto::tonic::common::v1::KeyValue] {
+                &self.attributes
+            }
+            fn flags(&self) -> u32 {
+                self.flags
+            }
+            fn start(&self) -> u64 {
+                self.start_time_unix_nano
+            }
+            fn time(&self) -> u64 {
+                self.time_unix_nano
+            }
+            fn set_start(&mut self, start: u64) {
+                self.start_time_unix_nano = start;
+            }
+        }
+    )*};
+}
+
+point_fields!(
+    opentelemetry_proto::tonic::metrics::v1::NumberDataPoint,
+    opentelemetry_proto::tonic::metrics::v1::HistogramDataPoint,
+    opentelemetry_proto::tonic::metrics::v1::ExponentialHistogramDataPoint
+);
+
 /// Whether a point carries the "no recorded value" flag (a staleness marker): it has no
 /// value to convert.
 pub fn has_no_value(flags: u32) -> bool {
