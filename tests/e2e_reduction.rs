@@ -133,7 +133,9 @@ async fn reload(agent: &Agent, yaml: &str, successes: f64) {
     }
 }
 
-#[tokio::test]
+// Multi-threaded: `terminate` blocks its thread while the agent flushes to the test's sink,
+// which must keep answering.
+#[tokio::test(flavor = "multi_thread")]
 async fn aggregate_state_survives_a_reload_of_its_pipeline_and_resets_when_its_config_changes() {
     let sink = Sink::start().await;
     let agent = Agent::start(&config(&sink, "1s", false)).await;
