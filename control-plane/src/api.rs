@@ -100,6 +100,48 @@ pub const ROUTES: &[RouteDef] = &[
     },
     RouteDef {
         method: "GET",
+        path: "/api/v1/experiments",
+        access: Some(Access::Read),
+        summary: "Every experiment, with its state and progress.",
+    },
+    RouteDef {
+        method: "POST",
+        path: "/api/v1/experiments",
+        access: Some(Access::Write),
+        summary: "Creates an experiment in draft ({\"document\": yaml definition}); 422 names every bad field.",
+    },
+    RouteDef {
+        method: "GET",
+        path: "/api/v1/experiments/{id}",
+        access: Some(Access::Read),
+        summary: "One experiment with its transitions, measured windows and verdict.",
+    },
+    RouteDef {
+        method: "POST",
+        path: "/api/v1/experiments/{id}/start",
+        access: Some(Access::Write),
+        summary: "draft -> pending; 409 with the reason from any other state.",
+    },
+    RouteDef {
+        method: "POST",
+        path: "/api/v1/experiments/{id}/stop",
+        access: Some(Access::Write),
+        summary: "Cancels a live experiment and removes its candidate.",
+    },
+    RouteDef {
+        method: "POST",
+        path: "/api/v1/experiments/{id}/promote",
+        access: Some(Access::Write),
+        summary: "succeeded -> promoted: the candidate becomes the baseline by a waved rollout ({\"everywhere\": bool}, optional).",
+    },
+    RouteDef {
+        method: "POST",
+        path: "/api/v1/experiments/{id}/rollback",
+        access: Some(Access::Write),
+        summary: "Restores the previous baseline after a promotion, or sets a finished candidate aside.",
+    },
+    RouteDef {
+        method: "GET",
         path: "/api/v1/audit",
         access: Some(Access::Admin),
         summary: "The audit log, newest first (?limit=, default 100).",
@@ -145,6 +187,12 @@ impl From<ServiceError> for ApiError {
                 return ApiError(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     json!({ "error": "invalid config document", "problems": problems }),
+                )
+            }
+            ServiceError::InvalidDefinition(problems) => {
+                return ApiError(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({ "error": "invalid experiment definition", "problems": problems }),
                 )
             }
             ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -302,6 +350,79 @@ fn parse_id(id: &str) -> Result<i64, ApiError> {
     })
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExperimentBody {
+    document: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PromoteBody {
+    #[serde(default)]
+    everywhere: bool,
+}
+
+async fn list_experiments(State(cp): Cp, headers: HeaderMap) -> ApiResult {
+    authorize(&cp, &headers, Access::Read)?;
+    to_json(cp.experiments()?)
+}
+
+async fn create_experiment(
+    State(cp): Cp,
+    headers: HeaderMap,
+    bytes: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let who = authorize(&cp, &headers, Access::Write)?;
+    let request: ExperimentBody = body(&bytes)?;
+    let view = cp.create_experiment(&who, &request.document)?;
+    Ok((StatusCode::CREATED, to_json(view)?).into_response())
+}
+
+async fn get_experiment(State(cp): Cp, headers: HeaderMap, Path(id): Path<String>) -> ApiResult {
+    authorize(&cp, &headers, Access::Read)?;
+    to_json(cp.experiment(parse_experiment_id(&id)?)?)
+}
+
+async fn experiment_action(
+    State(cp): Cp,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    bytes: axum::body::Bytes,
+) -> ApiResult {
+    let who = authorize(&cp, &headers, Access::Write)?;
+    let id = parse_experiment_id(&id)?;
+    let view = match action.as_str() {
+        "start" => cp.start_experiment(&who, id)?,
+        "stop" => cp.stop_experiment(&who, id)?,
+        "promote" => {
+            let request: PromoteBody = if bytes.is_empty() {
+                PromoteBody::default()
+            } else {
+                body(&bytes)?
+            };
+            cp.promote_experiment(&who, id, request.everywhere)?
+        }
+        "rollback" => cp.rollback_experiment(&who, id)?,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                json!({ "error": format!("no experiment action {other:?}: start, stop, promote or rollback") }),
+            ))
+        }
+    };
+    to_json(view)
+}
+
+fn parse_experiment_id(id: &str) -> Result<i64, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("experiment {id:?} not found") }),
+        )
+    })
+}
+
 async fn audit(State(cp): Cp, headers: HeaderMap, Query(q): Query<LimitQuery>) -> ApiResult {
     authorize(&cp, &headers, Access::Admin)?;
     to_json(cp.audit_log(q.limit.unwrap_or(100).min(10_000))?)
@@ -347,6 +468,12 @@ pub fn router(cp: Arc<ControlPlane>) -> Router {
         .route("/api/v1/rollouts", get(list_rollouts).post(create_rollout))
         .route("/api/v1/rollouts/{id}", get(get_rollout))
         .route("/api/v1/rollouts/{id}/rollback", post(rollback))
+        .route(
+            "/api/v1/experiments",
+            get(list_experiments).post(create_experiment),
+        )
+        .route("/api/v1/experiments/{id}", get(get_experiment))
+        .route("/api/v1/experiments/{id}/{action}", post(experiment_action))
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/tokens", get(list_tokens).post(create_token))
         .with_state(cp)
@@ -358,6 +485,8 @@ fn request_schema(method: &str, path: &str) -> Option<&'static str> {
         ("POST", "/api/v1/rollouts") => Some("CreateRollout"),
         ("POST", "/api/v1/configs/validate") => Some("Validate"),
         ("POST", "/api/v1/tokens") => Some("CreateToken"),
+        ("POST", "/api/v1/experiments") => Some("CreateExperiment"),
+        ("POST", "/api/v1/experiments/{id}/promote") => Some("PromoteExperiment"),
         _ => None,
     }
 }
@@ -405,7 +534,7 @@ pub fn openapi() -> Value {
         "info": {
             "title": "Phoenix control plane",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Fleet of agents and config rollouts. Roles: viewer (read), operator (read, write), admin (all). The same operations are served over gRPC as phoenix.v1.FleetService and phoenix.v1.RolloutService.",
+            "description": "Fleet of agents, config rollouts and experiments. Roles: viewer (read), operator (read, write), admin (all). The same operations are served over gRPC as phoenix.v1.FleetService and phoenix.v1.RolloutService.",
         },
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
@@ -435,6 +564,21 @@ pub fn openapi() -> Value {
                     "properties": {
                         "name": { "type": "string" },
                         "role": { "type": "string", "enum": ["agent", "viewer", "operator", "admin"] },
+                    },
+                },
+                "CreateExperiment": {
+                    "type": "object",
+                    "required": ["document"],
+                    "additionalProperties": false,
+                    "properties": {
+                        "document": { "type": "string", "description": "The experiment definition, YAML (docs/experiments.md)." },
+                    },
+                },
+                "PromoteExperiment": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "properties": {
+                        "everywhere": { "type": "boolean", "default": false, "description": "Promote on every agent, not only the experiment's targets." },
                     },
                 },
             },
@@ -505,7 +649,10 @@ mod tests {
             );
             let op = &doc["paths"][route.path][route.method.to_lowercase()];
             assert!(op.is_object());
-            if route.method == "POST" && route.path != "/api/v1/rollouts/{id}/rollback" {
+            let takes_no_body = ["/rollback", "/start", "/stop"]
+                .iter()
+                .any(|action| route.path.ends_with(action));
+            if route.method == "POST" && !takes_no_body {
                 let schema = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
                     .as_str()
                     .unwrap();

@@ -62,6 +62,43 @@ pub enum Command {
         #[command(subcommand)]
         command: RolloutCommand,
     },
+    /// Experiments: a candidate in shadow beside the baseline, measured and judged.
+    Experiment {
+        #[command(subcommand)]
+        command: ExperimentCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    /// Creates an experiment (in draft) from a definition file (docs/experiments.md).
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Lists experiments.
+    Ls,
+    /// Shows an experiment: progress, last window, verdict.
+    Show { id: i64 },
+    /// Starts a draft experiment.
+    Start { id: i64 },
+    /// Cancels a live experiment and removes its candidate.
+    Stop { id: i64 },
+    /// Makes a succeeded experiment's candidate the baseline of its targets.
+    Promote {
+        id: i64,
+        /// On every agent, not only the experiment's targets.
+        #[arg(long)]
+        everywhere: bool,
+    },
+    /// Restores the previous baseline after a promotion (or sets the candidate aside).
+    Rollback { id: i64 },
+    /// A live table of baseline vs candidate until the verdict; exit 0 if it succeeded.
+    Watch {
+        id: i64,
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,13 +173,27 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
     }
 }
 
-struct Client {
+/// The REST client `phoenixctl` (and `phoenix demo`) talks through.
+pub struct Client {
     http: reqwest::Client,
     server: String,
     token: Option<String>,
 }
 
 impl Client {
+    /// A plain-HTTP client for `server` (the embedded control plane of `phoenix demo`).
+    pub fn plain(server: String, token: Option<String>) -> Result<Self, Failure> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| fail(5, e.to_string()))?;
+        Ok(Self {
+            http,
+            server,
+            token,
+        })
+    }
+
     async fn request(
         &self,
         method: reqwest::Method,
@@ -193,11 +244,11 @@ impl Client {
         Err(fail(code, format!("{status}: {message}")))
     }
 
-    async fn get(&self, path: &str) -> Result<Value, Failure> {
+    pub async fn get(&self, path: &str) -> Result<Value, Failure> {
         self.request(reqwest::Method::GET, path, None).await
     }
 
-    async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
         self.request(reqwest::Method::POST, path, Some(body)).await
     }
 }
@@ -548,6 +599,141 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             RolloutCommand::Watch { id, timeout } => watch(&client, output, id, timeout).await,
         },
+        Command::Experiment { command } => experiment(&client, output, command).await,
+    }
+}
+
+fn experiments_table(experiments: &Value) -> String {
+    let rows: Vec<Vec<String>> = experiments
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|e| {
+                    let verdict = &e["progress"]["verdict"];
+                    vec![
+                        num_of(e, "id"),
+                        str_of(e, "name").to_string(),
+                        str_of(e, "state").to_string(),
+                        e["definition"]["selector"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                        match verdict["passed"].as_bool() {
+                            Some(true) => "passed".into(),
+                            Some(false) => "failed".into(),
+                            None => "-".into(),
+                        },
+                        time_text(e, "created_at"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &["ID", "NAME", "STATE", "SELECTOR", "VERDICT", "CREATED"],
+        &rows,
+    )
+}
+
+async fn experiment(
+    client: &Client,
+    output: Output,
+    command: ExperimentCommand,
+) -> Result<(), Failure> {
+    use crate::experiment::render::render;
+    let (path, body) = match command {
+        ExperimentCommand::Create { file } => {
+            let document = std::fs::read_to_string(&file)
+                .map_err(|e| fail(1, format!("{}: {e}", file.display())))?;
+            (
+                "/api/v1/experiments".to_string(),
+                json!({ "document": document }),
+            )
+        }
+        ExperimentCommand::Ls => {
+            let list = client.get("/api/v1/experiments").await?;
+            print(output, &list, experiments_table);
+            return Ok(());
+        }
+        ExperimentCommand::Show { id } => {
+            let view = client.get(&format!("/api/v1/experiments/{id}")).await?;
+            print(output, &view, render);
+            return Ok(());
+        }
+        ExperimentCommand::Start { id } => (format!("/api/v1/experiments/{id}/start"), json!({})),
+        ExperimentCommand::Stop { id } => (format!("/api/v1/experiments/{id}/stop"), json!({})),
+        ExperimentCommand::Promote { id, everywhere } => (
+            format!("/api/v1/experiments/{id}/promote"),
+            json!({ "everywhere": everywhere }),
+        ),
+        ExperimentCommand::Rollback { id } => {
+            (format!("/api/v1/experiments/{id}/rollback"), json!({}))
+        }
+        ExperimentCommand::Watch { id, timeout } => {
+            return watch_experiment(client, output, id, timeout).await
+        }
+    };
+    let view = client.post(&path, body).await?;
+    print(output, &view, render);
+    Ok(())
+}
+
+/// Whether an experiment state is final for `watch`, and whether it counts as success.
+pub fn experiment_outcome(state: &str) -> Option<bool> {
+    match state {
+        "succeeded" | "promoted" => Some(true),
+        "failed" | "cancelled" | "rolled_back" => Some(false),
+        _ => None,
+    }
+}
+
+/// Redraws the experiment in place on a terminal (a new block per change otherwise) until it
+/// ends.
+pub async fn watch_experiment(
+    client: &Client,
+    output: Output,
+    id: i64,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let terminal = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    loop {
+        let view = client.get(&format!("/api/v1/experiments/{id}")).await?;
+        let state = str_of(&view, "state").to_string();
+        let text = crate::experiment::render::render(&view);
+        if output == Output::Table && text != last {
+            if terminal {
+                // Home and clear, so the table refreshes in place.
+                print!("\x1b[H\x1b[2J{text}");
+            } else {
+                println!("{text}");
+            }
+            last = text;
+        }
+        if let Some(success) = experiment_outcome(&state) {
+            if output == Output::Json {
+                print(output, &view, |_| String::new());
+            }
+            return if success {
+                Ok(())
+            } else {
+                let reason = view["events"]
+                    .as_array()
+                    .and_then(|e| e.last())
+                    .map(|e| str_of(e, "reason").to_string())
+                    .unwrap_or_default();
+                Err(fail(1, format!("experiment {id} {state}: {reason}")))
+            };
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(fail(
+                1,
+                format!("experiment {id} still {state} after {timeout:?}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -41,9 +41,9 @@ fn auth_status(err: AuthError) -> Status {
 
 fn service_status(err: ServiceError) -> Status {
     match err {
-        ServiceError::BadRequest(_) | ServiceError::Invalid(_) => {
-            Status::invalid_argument(err.to_string())
-        }
+        ServiceError::BadRequest(_)
+        | ServiceError::Invalid(_)
+        | ServiceError::InvalidDefinition(_) => Status::invalid_argument(err.to_string()),
         ServiceError::NotFound(_) => Status::not_found(err.to_string()),
         ServiceError::Conflict(_) => Status::failed_precondition(err.to_string()),
         ServiceError::Auth(a) => auth_status(a),

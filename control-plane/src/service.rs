@@ -57,6 +57,8 @@ pub enum ServiceError {
     BadRequest(String),
     #[error("invalid config document:\n{}", .0.join("\n"))]
     Invalid(Vec<String>),
+    #[error("invalid experiment definition:\n{}", .0.join("\n"))]
+    InvalidDefinition(Vec<String>),
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -375,6 +377,24 @@ impl ControlPlane {
         })
     }
 
+    /// Connected agents whose labels match, sorted by node name.
+    pub(crate) fn connected_matching(&self, selector: &Selector) -> Vec<String> {
+        let fleet = self.fleet();
+        let mut nodes: Vec<String> = fleet
+            .sessions
+            .iter()
+            .filter(|(_, s)| selector.matches(&s.labels))
+            .map(|(node, _)| node.clone())
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// Runs the engine now rather than at its next tick.
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
+    }
+
     // ---- configs and rollouts ----
 
     /// Every problem of a config document that can be found without an agent's local file.
@@ -535,6 +555,9 @@ impl ControlPlane {
         loop {
             if let Err(err) = self.step() {
                 tracing::error!("rollout engine: {err}");
+            }
+            if let Err(err) = self.step_experiments() {
+                tracing::error!("experiment engine: {err}");
             }
             tokio::select! {
                 _ = self.notify.notified() => {}

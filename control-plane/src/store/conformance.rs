@@ -198,3 +198,59 @@ pub fn node_configs_audit_and_tokens(store: &dyn Store) {
     assert_eq!(store.token_by_hash("zzz").unwrap(), None);
     assert_eq!(store.tokens().unwrap().len(), 1);
 }
+
+pub fn experiments_states_events_windows(store: &dyn Store) {
+    use crate::experiment::ExperimentState::*;
+    let id = store
+        .create_experiment("balanced", "name: balanced", "alice")
+        .unwrap();
+    let created = store.experiment(id).unwrap().unwrap();
+    assert_eq!((created.state, created.name.as_str()), (Draft, "balanced"));
+    assert_eq!(created.progress, serde_json::json!({}));
+    assert!(store.live_experiments().unwrap().is_empty());
+
+    let progress = serde_json::json!({ "targets": ["a"] });
+    store
+        .transition_experiment(id, Pending, "alice", "started", Some(&progress))
+        .unwrap();
+    assert_eq!(store.experiment(id).unwrap().unwrap().progress, progress);
+    assert_eq!(store.live_experiments().unwrap().len(), 1);
+    // An invalid transition is refused with the reason and changes nothing.
+    let refused = store
+        .transition_experiment(id, Promoted, "alice", "", None)
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Conflict(m) if m.contains("is pending") && m.contains("deploying")),
+        "{refused}"
+    );
+    assert_eq!(store.experiment(id).unwrap().unwrap().state, Pending);
+
+    let window = serde_json::json!({ "index": 0, "baseline": { "datapoints": 10 } });
+    let after = serde_json::json!({ "targets": ["a"], "windows": 1 });
+    store.add_experiment_window(id, 0, &window, &after).unwrap();
+    assert_eq!(store.experiment_windows(id).unwrap(), vec![window.clone()]);
+    assert_eq!(store.experiment(id).unwrap().unwrap().progress, after);
+    // A window index is stored once.
+    assert!(store.add_experiment_window(id, 0, &window, &after).is_err());
+
+    store
+        .transition_experiment(id, Cancelled, "engine", "stopped by bob", None)
+        .unwrap();
+    let events = store.experiment_events(id).unwrap();
+    let steps: Vec<(&str, &str, &str)> = events
+        .iter()
+        .map(|e| (e.from.as_str(), e.to.as_str(), e.actor.as_str()))
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            ("", "draft", "alice"),
+            ("draft", "pending", "alice"),
+            ("pending", "cancelled", "engine")
+        ]
+    );
+    assert_eq!(events[2].reason, "stopped by bob");
+    assert!(store.live_experiments().unwrap().is_empty());
+    assert_eq!(store.experiments().unwrap().len(), 1);
+    assert!(store.experiment(id + 100).unwrap().is_none());
+}

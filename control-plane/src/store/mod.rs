@@ -13,6 +13,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::auth::Role;
+use crate::experiment::ExperimentState;
 use crate::rollout::{DeploymentState, RolloutState};
 
 /// Unix time in milliseconds.
@@ -162,7 +163,46 @@ pub struct TokenRecord {
     pub created_at: Millis,
 }
 
+/// An experiment: its definition as submitted and the engine's progress (phase times,
+/// rollouts, counters at the last window edge, the verdict), as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExperimentRecord {
+    pub id: i64,
+    pub name: String,
+    pub state: ExperimentState,
+    pub document: String,
+    pub progress: serde_json::Value,
+    pub created_by: String,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// A state change of an experiment: when, who (a token name, or `engine`), and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExperimentEvent {
+    pub at: Millis,
+    pub actor: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The conflict error of a refused experiment transition.
+pub fn experiment_conflict(id: i64, from: ExperimentState, to: ExperimentState) -> StoreError {
+    let next = from.next_states();
+    StoreError::Conflict(format!(
+        "experiment {id} is {}; it cannot become {} (it can become: {})",
+        from.as_str(),
+        to.as_str(),
+        if next.is_empty() {
+            "nothing, it has ended".to_string()
+        } else {
+            next.join(", ")
+        }
+    ))
+}
 
 /// Everything the control plane keeps. Calls are short and synchronous; each mutating call
 /// is one transaction.
@@ -218,6 +258,34 @@ pub trait Store: Send + Sync {
     fn audit(&self, entry: &AuditEntry) -> Result<()>;
     /// The newest `limit` entries, newest first.
     fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>>;
+
+    /// Stores a new experiment in `draft`, with its `created` event.
+    fn create_experiment(&self, name: &str, document: &str, created_by: &str) -> Result<i64>;
+    fn experiments(&self) -> Result<Vec<ExperimentRecord>>;
+    fn experiment(&self, id: i64) -> Result<Option<ExperimentRecord>>;
+    /// Experiments the engine drives (pending, deploying, running, analyzing), oldest first.
+    fn live_experiments(&self) -> Result<Vec<ExperimentRecord>>;
+    /// Moves an experiment to `to` if the transition is valid (else `Conflict` with the
+    /// reason), records the event, and replaces the progress when one is given.
+    fn transition_experiment(
+        &self,
+        id: i64,
+        to: ExperimentState,
+        actor: &str,
+        reason: &str,
+        progress: Option<&serde_json::Value>,
+    ) -> Result<()>;
+    fn set_experiment_progress(&self, id: i64, progress: &serde_json::Value) -> Result<()>;
+    fn experiment_events(&self, id: i64) -> Result<Vec<ExperimentEvent>>;
+    /// Stores a measured window and the progress after it, in one transaction.
+    fn add_experiment_window(
+        &self,
+        id: i64,
+        index: u32,
+        window: &serde_json::Value,
+        progress: &serde_json::Value,
+    ) -> Result<()>;
+    fn experiment_windows(&self, id: i64) -> Result<Vec<serde_json::Value>>;
 
     fn add_token(&self, name: &str, role: Role, hash: &str) -> Result<()>;
     fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>>;

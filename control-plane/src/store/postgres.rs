@@ -12,14 +12,17 @@ use std::sync::mpsc;
 use postgres::{Client, NoTls, Row};
 
 use super::{
-    now_millis, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord, Millis, NewDeployment,
-    NewRollout, NodeConfig, Result, RolloutEvent, RolloutRecord, Store, StoreError, TokenRecord,
+    now_millis, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord, ExperimentEvent,
+    ExperimentRecord, Millis, NewDeployment, NewRollout, NodeConfig, Result, RolloutEvent,
+    RolloutRecord, Store, StoreError, TokenRecord,
 };
 use crate::auth::Role;
+use crate::experiment::ExperimentState;
 use crate::rollout::{DeploymentState, RolloutState};
 
 /// Schema migrations, as for SQLite: never edit one that has shipped, add the next.
-pub const MIGRATIONS: &[&str] = &[r#"
+pub const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE agents (
         node TEXT PRIMARY KEY,
         labels TEXT NOT NULL,
@@ -93,7 +96,37 @@ pub const MIGRATIONS: &[&str] = &[r#"
         role TEXT NOT NULL,
         created_at BIGINT NOT NULL
     );
-"#];
+"#,
+    r#"
+    CREATE TABLE experiments (
+        id BIGSERIAL PRIMARY KEY,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        document TEXT NOT NULL,
+        progress TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL
+    );
+    CREATE INDEX experiments_by_state ON experiments(state);
+    CREATE TABLE experiment_events (
+        id BIGSERIAL PRIMARY KEY,
+        experiment_id BIGINT NOT NULL REFERENCES experiments(id),
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX experiment_events_by_experiment ON experiment_events(experiment_id, id);
+    CREATE TABLE experiment_windows (
+        experiment_id BIGINT NOT NULL REFERENCES experiments(id),
+        idx BIGINT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (experiment_id, idx)
+    );
+"#,
+];
 
 type Job = Box<dyn FnOnce(&mut Option<Client>) + Send>;
 
@@ -272,6 +305,25 @@ fn event(
         &[&rollout_id, &at, &kind, &message],
     )?;
     Ok(())
+}
+
+const EXPERIMENT_COLUMNS: &str =
+    "id, name, state, document, progress, created_by, created_at, updated_at";
+
+fn experiment_of(row: &Row) -> Result<ExperimentRecord> {
+    let state: String = row.get(2);
+    let progress: String = row.get(4);
+    Ok(ExperimentRecord {
+        id: row.get(0),
+        name: row.get(1),
+        state: ExperimentState::parse(&state).ok_or_else(|| corrupt("experiment state", &state))?,
+        document: row.get(3),
+        progress: serde_json::from_str(&progress)
+            .map_err(|_| corrupt("experiment progress", &progress))?,
+        created_by: row.get(5),
+        created_at: row.get(6),
+        updated_at: row.get(7),
+    })
 }
 
 const AGENT_COLUMNS: &str = "node, labels, version, capabilities, effective_config_hash, applied_offer_hash, first_seen, last_seen, last_report";
@@ -675,6 +727,172 @@ impl Store for PostgresStore {
         })
     }
 
+    fn create_experiment(&self, name: &str, document: &str, created_by: &str) -> Result<i64> {
+        let (name, document, created_by) = (
+            name.to_string(),
+            document.to_string(),
+            created_by.to_string(),
+        );
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            let now = now_millis();
+            let draft = ExperimentState::Draft.as_str();
+            let id: i64 = tx
+                .query_one(
+                    "INSERT INTO experiments (name, state, document, progress, created_by, created_at, updated_at)
+                     VALUES ($1, $2, $3, '{}', $4, $5, $5) RETURNING id",
+                    &[&name, &draft, &document, &created_by, &now],
+                )?
+                .get(0);
+            tx.execute(
+                "INSERT INTO experiment_events (experiment_id, at, actor, from_state, to_state, reason)
+                 VALUES ($1, $2, $3, '', $4, 'created')",
+                &[&id, &now, &created_by, &draft],
+            )?;
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
+        self.call(|c| {
+            c.query(
+                &format!("SELECT {EXPERIMENT_COLUMNS} FROM experiments ORDER BY id"),
+                &[],
+            )?
+            .iter()
+            .map(experiment_of)
+            .collect()
+        })
+    }
+
+    fn experiment(&self, id: i64) -> Result<Option<ExperimentRecord>> {
+        self.call(move |c| {
+            c.query_opt(
+                &format!("SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE id = $1"),
+                &[&id],
+            )?
+            .as_ref()
+            .map(experiment_of)
+            .transpose()
+        })
+    }
+
+    fn live_experiments(&self) -> Result<Vec<ExperimentRecord>> {
+        self.call(|c| {
+            c.query(
+                &format!("SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE state IN ('pending', 'deploying', 'running', 'analyzing') ORDER BY id"),
+                &[],
+            )?
+            .iter()
+            .map(experiment_of)
+            .collect()
+        })
+    }
+
+    fn transition_experiment(
+        &self,
+        id: i64,
+        to: ExperimentState,
+        actor: &str,
+        reason: &str,
+        progress: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        let (actor, reason) = (actor.to_string(), reason.to_string());
+        let progress = progress.map(|p| p.to_string());
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            let current: String = tx
+                .query_one("SELECT state FROM experiments WHERE id = $1 FOR UPDATE", &[&id])?
+                .get(0);
+            let from = ExperimentState::parse(&current)
+                .ok_or_else(|| corrupt("experiment state", &current))?;
+            if !from.can_become(to) {
+                return Err(super::experiment_conflict(id, from, to));
+            }
+            let now = now_millis();
+            tx.execute(
+                "UPDATE experiments SET state = $2, updated_at = $3, progress = COALESCE($4, progress) WHERE id = $1",
+                &[&id, &to.as_str(), &now, &progress],
+            )?;
+            tx.execute(
+                "INSERT INTO experiment_events (experiment_id, at, actor, from_state, to_state, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&id, &now, &actor, &from.as_str(), &to.as_str(), &reason],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn set_experiment_progress(&self, id: i64, progress: &serde_json::Value) -> Result<()> {
+        let progress = progress.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE experiments SET progress = $2, updated_at = $3 WHERE id = $1",
+                &[&id, &progress, &now_millis()],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn experiment_events(&self, id: i64) -> Result<Vec<ExperimentEvent>> {
+        self.call(move |c| {
+            Ok(c.query(
+                "SELECT at, actor, from_state, to_state, reason FROM experiment_events
+                 WHERE experiment_id = $1 ORDER BY id",
+                &[&id],
+            )?
+            .iter()
+            .map(|r| ExperimentEvent {
+                at: r.get(0),
+                actor: r.get(1),
+                from: r.get(2),
+                to: r.get(3),
+                reason: r.get(4),
+            })
+            .collect())
+        })
+    }
+
+    fn add_experiment_window(
+        &self,
+        id: i64,
+        index: u32,
+        window: &serde_json::Value,
+        progress: &serde_json::Value,
+    ) -> Result<()> {
+        let (window, progress) = (window.to_string(), progress.to_string());
+        self.call(move |c| {
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO experiment_windows (experiment_id, idx, body) VALUES ($1, $2, $3)",
+                &[&id, &i64::from(index), &window],
+            )?;
+            tx.execute(
+                "UPDATE experiments SET progress = $2, updated_at = $3 WHERE id = $1",
+                &[&id, &progress, &now_millis()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn experiment_windows(&self, id: i64) -> Result<Vec<serde_json::Value>> {
+        self.call(move |c| {
+            c.query(
+                "SELECT body FROM experiment_windows WHERE experiment_id = $1 ORDER BY idx",
+                &[&id],
+            )?
+            .iter()
+            .map(|r| {
+                let body: String = r.get(0);
+                serde_json::from_str(&body).map_err(|_| corrupt("experiment window", &body))
+            })
+            .collect()
+        })
+    }
+
     fn add_token(&self, name: &str, role: Role, hash: &str) -> Result<()> {
         let (name, hash) = (name.to_string(), hash.to_string());
         self.call(move |c| {
@@ -777,6 +995,13 @@ pub(crate) mod tests {
     #[test]
     fn conformance_node_configs_audit_tokens() {
         conformance::node_configs_audit_and_tokens(
+            &PostgresStore::connect(&fresh_database()).unwrap(),
+        );
+    }
+
+    #[test]
+    fn conformance_experiments() {
+        conformance::experiments_states_events_windows(
             &PostgresStore::connect(&fresh_database()).unwrap(),
         );
     }

@@ -7,10 +7,12 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    now_millis, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord, Millis, NewDeployment,
-    NewRollout, NodeConfig, Result, RolloutEvent, RolloutRecord, Store, StoreError, TokenRecord,
+    now_millis, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord, ExperimentEvent,
+    ExperimentRecord, Millis, NewDeployment, NewRollout, NodeConfig, Result, RolloutEvent,
+    RolloutRecord, Store, StoreError, TokenRecord,
 };
 use crate::auth::Role;
+use crate::experiment::ExperimentState;
 use crate::rollout::{DeploymentState, RolloutState};
 
 /// Schema migrations; migration `i` brings the schema from version `i` to `i + 1`. Never
@@ -90,6 +92,36 @@ pub const MIGRATIONS: &[&str] = &[
         name TEXT NOT NULL UNIQUE,
         role TEXT NOT NULL,
         created_at INTEGER NOT NULL
+    );
+    "#,
+    // 2: experiments.
+    r#"
+    CREATE TABLE experiments (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        document TEXT NOT NULL,
+        progress TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX experiments_by_state ON experiments(state);
+    CREATE TABLE experiment_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX experiment_events_by_experiment ON experiment_events(experiment_id, id);
+    CREATE TABLE experiment_windows (
+        experiment_id INTEGER NOT NULL REFERENCES experiments(id),
+        idx INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (experiment_id, idx)
     );
     "#,
 ];
@@ -230,6 +262,47 @@ fn event(conn: &Connection, rollout_id: i64, kind: &str, message: &str, at: Mill
         params![rollout_id, at, kind, message],
     )?;
     Ok(())
+}
+
+/// States the engine drives, as a WHERE clause.
+const LIVE_EXPERIMENTS: &str = "state IN ('pending', 'deploying', 'running', 'analyzing')";
+
+impl SqliteStore {
+    fn query_experiments(&self, filter: &str) -> Result<Vec<ExperimentRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT id, name, state, document, progress, created_by, created_at, updated_at
+             FROM experiments WHERE {filter} ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, name, state, document, progress, created_by, created_at, updated_at) = row?;
+            Ok(ExperimentRecord {
+                id,
+                name,
+                state: ExperimentState::parse(&state)
+                    .ok_or_else(|| corrupt("experiment state", &state))?,
+                document,
+                progress: serde_json::from_str(&progress)
+                    .map_err(|_| corrupt("experiment progress", &progress))?,
+                created_by,
+                created_at,
+                updated_at,
+            })
+        })
+        .collect()
+    }
 }
 
 impl Store for SqliteStore {
@@ -620,6 +693,138 @@ impl Store for SqliteStore {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    fn create_experiment(&self, name: &str, document: &str, created_by: &str) -> Result<i64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_millis();
+        tx.execute(
+            "INSERT INTO experiments (name, state, document, progress, created_by, created_at, updated_at)
+             VALUES (?1, ?2, ?3, '{}', ?4, ?5, ?5)",
+            params![name, ExperimentState::Draft.as_str(), document, created_by, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            "INSERT INTO experiment_events (experiment_id, at, actor, from_state, to_state, reason)
+             VALUES (?1, ?2, ?3, '', ?4, 'created')",
+            params![id, now, created_by, ExperimentState::Draft.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
+        self.query_experiments("1 = 1")
+    }
+
+    fn experiment(&self, id: i64) -> Result<Option<ExperimentRecord>> {
+        Ok(self
+            .query_experiments(&format!("id = {id}"))?
+            .into_iter()
+            .next())
+    }
+
+    fn live_experiments(&self) -> Result<Vec<ExperimentRecord>> {
+        self.query_experiments(LIVE_EXPERIMENTS)
+    }
+
+    fn transition_experiment(
+        &self,
+        id: i64,
+        to: ExperimentState,
+        actor: &str,
+        reason: &str,
+        progress: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let current: String =
+            tx.query_row("SELECT state FROM experiments WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?;
+        let from = ExperimentState::parse(&current)
+            .ok_or_else(|| corrupt("experiment state", &current))?;
+        if !from.can_become(to) {
+            return Err(super::experiment_conflict(id, from, to));
+        }
+        let now = now_millis();
+        tx.execute(
+            "UPDATE experiments SET state = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, to.as_str(), now],
+        )?;
+        if let Some(progress) = progress {
+            tx.execute(
+                "UPDATE experiments SET progress = ?2 WHERE id = ?1",
+                params![id, progress.to_string()],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO experiment_events (experiment_id, at, actor, from_state, to_state, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, now, actor, from.as_str(), to.as_str(), reason],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_experiment_progress(&self, id: i64, progress: &serde_json::Value) -> Result<()> {
+        self.conn().execute(
+            "UPDATE experiments SET progress = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, progress.to_string(), now_millis()],
+        )?;
+        Ok(())
+    }
+
+    fn experiment_events(&self, id: i64) -> Result<Vec<ExperimentEvent>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT at, actor, from_state, to_state, reason FROM experiment_events
+             WHERE experiment_id = ?1 ORDER BY id",
+        )?;
+        let rows = stmt.query_map([id], |r| {
+            Ok(ExperimentEvent {
+                at: r.get(0)?,
+                actor: r.get(1)?,
+                from: r.get(2)?,
+                to: r.get(3)?,
+                reason: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn add_experiment_window(
+        &self,
+        id: i64,
+        index: u32,
+        window: &serde_json::Value,
+        progress: &serde_json::Value,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO experiment_windows (experiment_id, idx, body) VALUES (?1, ?2, ?3)",
+            params![id, index, window.to_string()],
+        )?;
+        tx.execute(
+            "UPDATE experiments SET progress = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, progress.to_string(), now_millis()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn experiment_windows(&self, id: i64) -> Result<Vec<serde_json::Value>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT body FROM experiment_windows WHERE experiment_id = ?1 ORDER BY idx")?;
+        let rows = stmt.query_map([id], |r| r.get::<_, String>(0))?;
+        rows.map(|body| {
+            let body = body?;
+            serde_json::from_str(&body).map_err(|_| corrupt("experiment window", &body))
+        })
+        .collect()
+    }
+
     fn add_token(&self, name: &str, role: Role, hash: &str) -> Result<()> {
         let result = self.conn().execute(
             "INSERT INTO tokens (hash, name, role, created_at) VALUES (?1, ?2, ?3, ?4)",
@@ -711,5 +916,10 @@ mod tests {
     #[test]
     fn conformance_node_configs_audit_tokens() {
         conformance::node_configs_audit_and_tokens(&SqliteStore::in_memory().unwrap());
+    }
+
+    #[test]
+    fn conformance_experiments() {
+        conformance::experiments_states_events_windows(&SqliteStore::in_memory().unwrap());
     }
 }
