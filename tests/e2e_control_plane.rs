@@ -1102,3 +1102,451 @@ async fn an_agent_lost_mid_rollout_stops_it_and_changed_nodes_roll_back() {
     assert_eq!(rollout["deployments"][1]["state"], json!("skipped"));
     wait_hash(&a, &a_before, "a after the rollback").await;
 }
+
+// ---- experiments ----
+
+/// Sends, every 50 ms until dropped, 10 `requests` counter series (cumulative, each growing
+/// by its own step) and 10 `queue` gauge series to each agent.
+fn steady_load(agents: &[&Agent]) -> tokio::task::JoinHandle<()> {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    let urls: Vec<String> = agents.iter().map(|a| a.grpc_url()).collect();
+    tokio::spawn(async move {
+        let mut clients = Vec::new();
+        for url in &urls {
+            clients.push(
+                opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient::connect(url.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let start = 1_700_000_000_000_000_000u64;
+        for tick in 1u64.. {
+            for (n, client) in clients.iter_mut().enumerate() {
+                let counters = (0..10)
+                    .map(|i| {
+                        let mut p = testdata::number_point(
+                            vec![testdata::string_attr("endpoint", &format!("e{i}"))],
+                            (tick * (i + 1)) as f64,
+                        );
+                        p.start_time_unix_nano = start;
+                        p.time_unix_nano = start + tick * 50_000_000;
+                        p
+                    })
+                    .collect();
+                let gauges = (0..10)
+                    .map(|i| {
+                        testdata::number_point(
+                            vec![testdata::string_attr("endpoint", &format!("e{i}"))],
+                            (tick % 7) as f64,
+                        )
+                    })
+                    .collect();
+                let request = ExportMetricsServiceRequest {
+                    resource_metrics: vec![testdata::resource_metrics(
+                        vec![testdata::string_attr("service.name", &format!("svc-{n}"))],
+                        vec![
+                            testdata::sum_metric("requests", counters),
+                            testdata::gauge_metric("queue", gauges),
+                        ],
+                    )],
+                };
+                let _ = client.export(request).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// A definition for role=web: the candidate drops `drop` (a metric name) and ships to `sink`.
+fn experiment_yaml(sink: &Sink, drop: &str, duration: &str) -> String {
+    format!(
+        r#"
+name: drop-{drop}
+selector: role=web
+baseline: {{ pipeline: baseline, exporters: [otlp/base] }}
+candidate:
+  processors:
+    filter/exp: {{ exclude: {{ metric_names: [{drop}] }} }}
+  exporters:
+    otlp/cand: {{ endpoint: "{sink}", compression: none }}
+  pipeline: {{ receivers: [otlp], processors: [filter/exp], exporters: [otlp/cand] }}
+warmup: 2s
+duration: {duration}
+window: 2s
+criteria:
+  min_series_reduction: 40%
+  min_datapoints_reduction: 40%
+  min_bytes_reduction: 30%
+  critical: {{ metric_names: [requests] }}
+  conserve: [{{ metric: requests, tolerance: 5% }}]
+"#,
+        sink = sink.url()
+    )
+}
+
+impl Fleet {
+    /// An agent whose baseline ships to `sink` through the exporter `otlp/base`.
+    async fn agent_to(&self, node: &str, role: &str, sink: &Sink) -> Agent {
+        let state = self.dir.path().join(format!("state-{node}"));
+        let yaml = self
+            .agent_yaml(node, role, "otlp", &state)
+            .replace(
+                "exporters:\n  blackhole: {}",
+                &format!(
+                    "exporters:\n  otlp/base: {{ endpoint: \"{}\", compression: none }}",
+                    sink.url()
+                ),
+            )
+            .replace("exporters: [blackhole]", "exporters: [otlp/base]");
+        Agent::start(&yaml).await
+    }
+
+    async fn experiment(&self, id: i64) -> Value {
+        let (status, body) = self
+            .api(
+                "GET",
+                &format!("/api/v1/experiments/{id}"),
+                Some(&self.admin),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    async fn experiment_action(&self, id: i64, action: &str) -> (u16, Value) {
+        self.api(
+            "POST",
+            &format!("/api/v1/experiments/{id}/{action}"),
+            Some(&self.operator),
+            Some(json!({})),
+        )
+        .await
+    }
+
+    /// Waits until the experiment is in one of `states`, and returns it.
+    async fn wait_experiment(&self, id: i64, states: &[&str], timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let e = self.experiment(id).await;
+            if states.iter().any(|s| e["state"] == json!(s)) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "experiment {id} not {states:?}: {e:#}\n{}",
+                self.cp().log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn criterion<'a>(experiment: &'a Value, name: &str) -> &'a Value {
+    experiment["progress"]["verdict"]["criteria"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["criterion"] == json!(name)))
+        .unwrap_or_else(|| panic!("no criterion {name} in {experiment:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiment_runs_only_on_its_targets_reaches_a_verdict_and_is_promoted() {
+    let fleet = Fleet::start().await;
+    let (base_a, base_b, cand) = (
+        Sink::start().await,
+        Sink::start().await,
+        Sink::start().await,
+    );
+    let a = fleet.agent_to("a", "web", &base_a).await;
+    let b = fleet.agent_to("b", "db", &base_b).await;
+    fleet.wait_connected(&["a", "b"]).await;
+    let original = config_hash(&a).await;
+    let load = steady_load(&[&a, &b]);
+
+    // A bad definition names its field.
+    let (status, body) = fleet
+        .api(
+            "POST",
+            "/api/v1/experiments",
+            Some(&fleet.operator),
+            Some(
+                json!({ "document": experiment_yaml(&cand, "queue", "6s").replace("40%", "lots") }),
+            ),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("criteria.min_series_reduction"),
+        "{body}"
+    );
+
+    let document = experiment_yaml(&cand, "queue", "6s");
+    let file = fleet.dir.path().join("exp.yaml");
+    std::fs::write(&file, &document).unwrap();
+    let out = ctl(
+        &fleet,
+        Some(&fleet.operator),
+        &[
+            "-o",
+            "json",
+            "experiment",
+            "create",
+            "-f",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(fleet.experiment(id).await["state"], json!("draft"));
+    // Invalid transitions are refused with the reason.
+    let (status, body) = fleet.experiment_action(id, "promote").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("is draft"),
+        "{body}"
+    );
+
+    let out = ctl(
+        &fleet,
+        Some(&fleet.operator),
+        &["experiment", "start", &id.to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let running = fleet
+        .wait_experiment(id, &["running"], Duration::from_secs(30))
+        .await;
+    assert_eq!(running["progress"]["targets"], json!(["a"]));
+    // The candidate runs on the target only, beside its baseline.
+    let pipeline = format!("experiment_{id}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a
+        .metric(
+            "phoenix_pipeline_output_datapoints_total",
+            &[("pipeline", &pipeline)],
+        )
+        .await
+        <= 0.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no candidate output on a:\n{}",
+            a.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !b.metrics().await.contains(&pipeline),
+        "the candidate reached b"
+    );
+    let (status, _) = fleet.experiment_action(id, "start").await;
+    assert_eq!(status, 409);
+
+    // The experiment ends by itself, with a verdict, and the candidate is removed.
+    let out = ctl(
+        &fleet,
+        Some(&fleet.admin),
+        &["experiment", "watch", &id.to_string(), "--timeout", "60s"],
+    );
+    let watched = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{watched}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(watched.contains("verdict: PASSED"), "{watched}");
+    let done = fleet.experiment(id).await;
+    assert_eq!(done["state"], json!("succeeded"), "{done:#}");
+    let windows = done["windows"].as_array().unwrap().len();
+    assert!((2..=4).contains(&windows), "{windows} windows of 2s in 6s");
+    let transitions: Vec<&str> = done["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        transitions,
+        [
+            "draft",
+            "pending",
+            "deploying",
+            "running",
+            "analyzing",
+            "succeeded"
+        ]
+    );
+    wait_hash(&a, &original, "the candidate is removed after the verdict").await;
+
+    // The verdict's numbers match what the sinks counted on both pipelines: `queue` is half
+    // the points, `requests` is all of the critical series and its total is conserved.
+    let sink_reduction = 1.0 - cand.data_points() as f64 / base_a.data_points() as f64;
+    let reduction = criterion(&done, "min_datapoints_reduction")["measured"]
+        .as_f64()
+        .unwrap();
+    assert!((reduction - 0.5).abs() < 0.05, "verdict {reduction}");
+    assert!(
+        (reduction - sink_reduction).abs() < 0.05,
+        "verdict {reduction}, sinks {sink_reduction}"
+    );
+    let series = criterion(&done, "min_series_reduction")["measured"]
+        .as_f64()
+        .unwrap();
+    assert!((series - 0.5).abs() < 0.01, "series reduction {series}");
+    assert_eq!(criterion(&done, "critical")["measured"], json!(1.0));
+    let totals = &done["progress"]["verdict"]["totals"];
+    assert_eq!(totals["baseline"]["series"], json!(20));
+    assert_eq!(
+        totals["baseline"]["critical_series"].as_u64().unwrap() % 10,
+        0
+    );
+    let measured_points = totals["baseline"]["datapoints"].as_u64().unwrap();
+    assert!(measured_points > 0 && measured_points <= base_a.data_points());
+    let rate = totals["baseline"]["datapoints_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (250.0..=450.0).contains(&rate),
+        "20 points per 50 ms, less send time: {rate}/s"
+    );
+    let conserved = criterion(&done, "conserve requests");
+    assert!(conserved["passed"].as_bool().unwrap(), "{conserved}");
+    assert!(
+        done["progress"]["verdict"]["without_candidate"]["cpu_cores"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let ci = &criterion(&done, "min_datapoints_reduction")["per_window"];
+    assert!(ci["ci95_low"].as_f64().unwrap() <= ci["mean"].as_f64().unwrap());
+
+    // Promote: the candidate's processing becomes a's baseline, shipping to the same sink.
+    let (status, body) = fleet
+        .api(
+            "POST",
+            &format!("/api/v1/experiments/{id}/promote"),
+            Some(&fleet.operator),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], json!("promoted"));
+    let promotion = body["progress"]["promotion_rollout_id"].as_i64().unwrap();
+    fleet.wait_rollout(promotion, "succeeded").await;
+    let promoted_hash = config_hash(&a).await;
+    assert_ne!(promoted_hash, original);
+    let before = base_a.requests().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after: Vec<String> = flatten(&base_a.requests()[before..]);
+    assert!(!after.is_empty(), "a's baseline ships after the promotion");
+    assert!(
+        after.iter().all(|p| !p.contains("|queue|")),
+        "queue still shipped: {:?}",
+        &after[..3]
+    );
+    assert!(
+        flatten(&base_b.requests()[base_b.requests().len().saturating_sub(4)..])
+            .iter()
+            .any(|p| p.contains("|queue|")),
+        "b was not a target"
+    );
+
+    // Roll back: a runs its previous baseline again.
+    let (status, body) = fleet.experiment_action(id, "rollback").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], json!("rolled_back"));
+    wait_hash(&a, &original, "the previous baseline is restored").await;
+    load.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_candidate_names_its_criterion_and_a_restart_mid_experiment_loses_nothing() {
+    let mut fleet = Fleet::start().await;
+    let (base, cand) = (Sink::start().await, Sink::start().await);
+    let a = fleet.agent_to("a", "web", &base).await;
+    fleet.wait_connected(&["a"]).await;
+    let original = config_hash(&a).await;
+    let load = steady_load(&[&a]);
+
+    // Dropping `requests` loses the critical series and the counter's total.
+    let (status, body) = fleet
+        .api(
+            "POST",
+            "/api/v1/experiments",
+            Some(&fleet.operator),
+            Some(json!({ "document": experiment_yaml(&cand, "requests", "10s") })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_i64().unwrap();
+    let (status, _) = fleet.experiment_action(id, "start").await;
+    assert_eq!(status, 200);
+
+    // Kill the control plane once a window was measured; a new one resumes from SQLite.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while fleet.experiment(id).await["windows"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no window measured:\n{}",
+            fleet.cp().log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let measured_before = fleet.experiment(id).await["windows"]
+        .as_array()
+        .unwrap()
+        .len();
+    fleet.cp.take().unwrap().kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.cp = Some(ControlPlane::start(fleet.dir.path(), fleet.addr, &fleet.db).await);
+
+    let done = fleet
+        .wait_experiment(id, &["failed", "succeeded"], Duration::from_secs(60))
+        .await;
+    assert_eq!(done["state"], json!("failed"), "{done:#}");
+    let reason = done["events"].as_array().unwrap().last().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("critical") && reason.contains("conserve requests"),
+        "{reason}"
+    );
+    assert!(!criterion(&done, "critical")["passed"].as_bool().unwrap());
+    assert!(criterion(&done, "min_datapoints_reduction")["passed"]
+        .as_bool()
+        .unwrap());
+    // Windows measured before the restart are kept and the run went on after it.
+    let windows = done["windows"].as_array().unwrap();
+    assert!(
+        windows.len() > measured_before,
+        "{} windows, {measured_before} before the restart",
+        windows.len()
+    );
+    let indexes: Vec<u64> = windows
+        .iter()
+        .map(|w| w["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, (0..windows.len() as u64).collect::<Vec<_>>());
+    wait_hash(&a, &original, "the failed candidate is removed").await;
+    // A failed experiment cannot be promoted.
+    let (status, body) = fleet.experiment_action(id, "promote").await;
+    assert_eq!(status, 409, "{body}");
+    load.abort();
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    phoenix_control_plane::demo::main()
+}

@@ -1,0 +1,66 @@
+//! `phoenix demo` end to end, as the README runs it but with short durations: the real
+//! `phoenix` binary with its embedded control plane, a real `phoenix-agent` reading this
+//! machine's processes, the sample experiment to its verdict, and nothing left running.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+
+const PHOENIX: &str = env!("CARGO_BIN_EXE_phoenix");
+
+#[test]
+fn the_demo_reaches_a_verdict_on_this_machines_processes_and_leaves_nothing_running() {
+    let agent = support::agent_bin();
+    let out = Command::new(PHOENIX)
+        .args([
+            "demo",
+            "--duration",
+            "20s",
+            "--warmup",
+            "10s",
+            "--window",
+            "10s",
+        ])
+        .arg("--agent-bin")
+        .arg(&agent)
+        .output()
+        .expect("run phoenix demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("experiment 1 \"process-balanced\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("verdict: PASSED") || stdout.contains("verdict: FAILED"),
+        "{stdout}"
+    );
+    for criterion in [
+        "min_series_reduction",
+        "critical",
+        "max_cpu_overhead",
+        "conserve process.cpu.time",
+    ] {
+        assert!(stdout.contains(criterion), "{criterion} missing:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("ended succeeded") || stdout.contains("ended failed"),
+        "{stdout}"
+    );
+    // The agent it started is gone, and so is its temporary directory.
+    let dir = stdout
+        .lines()
+        .find_map(|l| l.split("(SQLite in ").nth(1))
+        .map(|d| d.trim_end_matches(')').to_string())
+        .expect("the demo names its directory");
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let running = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        !running.contains(&dir),
+        "a process of the demo still runs:\n{running}"
+    );
+}
