@@ -10,19 +10,17 @@
 //! shared, not copied), and so is a resource under which the criteria cannot drop anything
 //! (with resource criteria only, the filter does not look below the resources).
 
-use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use indexmap::IndexMap;
-use serde::de::Deserializer;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::pattern::{Matcher, PatternText};
+use super::pattern::{all_match, present, AttributeCriterion, Matcher, PatternText};
 use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, Issue};
 use crate::otlp::rewrite::{
-    self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit, Value as WireValue,
+    self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit,
 };
 use crate::otlp::wire::WireError;
 use crate::otlp::Payload;
@@ -76,18 +74,6 @@ pub struct RawCriteria {
     pub datapoint_attributes: Option<IndexMap<String, Vec<PatternText>>>,
 }
 
-/// A key that is present counts even with an empty value (`include:`), so that it is
-/// validated instead of silently ignored.
-fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Some(
-        Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
-    ))
-}
-
 fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
     let raw: RawFilterConfig = config::deserialize(value).map_err(|i| vec![i])?;
     let mut issues = Vec::new();
@@ -112,73 +98,6 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
     } else {
         Err(issues)
     }
-}
-
-/// One attribute key whose value must match.
-#[derive(Debug)]
-struct AttributeCriterion {
-    key: String,
-    values: Matcher,
-}
-
-impl AttributeCriterion {
-    fn compile_all(
-        raw: &IndexMap<String, Vec<PatternText>>,
-        path: &str,
-        issues: &mut Vec<Issue>,
-    ) -> Vec<Self> {
-        if raw.is_empty() {
-            issues.push(Issue::new(path, "must list at least one attribute key"));
-        }
-        raw.iter()
-            .filter_map(|(key, patterns)| {
-                if key.is_empty() {
-                    issues.push(Issue::new(path, "attribute keys must not be empty"));
-                    return None;
-                }
-                Matcher::compile(patterns, &format!("{path}.{key}"), issues).map(|values| Self {
-                    key: key.clone(),
-                    values,
-                })
-            })
-            .collect()
-    }
-
-    /// Whether `attributes` holds this key (its first occurrence) with a matching value.
-    fn matches(&self, attributes: Attributes<'_>, scratch: &mut String) -> Result<bool, WireError> {
-        let Some(kv) = attributes.find(self.key.as_bytes())? else {
-            return Ok(false);
-        };
-        Ok(match kv.value()? {
-            // A string that is not UTF-8 (a decoder would refuse it) matches no pattern.
-            WireValue::String(s) => std::str::from_utf8(s).is_ok_and(|s| self.values.is_match(s)),
-            WireValue::Bool(b) => self.values.is_match(if b { "true" } else { "false" }),
-            WireValue::Int(i) => self.rendered_matches(scratch, format_args!("{i}")),
-            WireValue::Double(d) => self.rendered_matches(scratch, format_args!("{d}")),
-            _ => false,
-        })
-    }
-
-    fn rendered_matches(&self, scratch: &mut String, value: fmt::Arguments<'_>) -> bool {
-        scratch.clear();
-        // Writing to a String cannot fail.
-        let _ = scratch.write_fmt(value);
-        self.values.is_match(scratch)
-    }
-}
-
-/// Whether every criterion matches; true when there are none.
-fn all_match(
-    criteria: &[AttributeCriterion],
-    attributes: Attributes<'_>,
-    scratch: &mut String,
-) -> Result<bool, WireError> {
-    for criterion in criteria {
-        if !criterion.matches(attributes, scratch)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 /// A compiled `include` or `exclude` block.
