@@ -16,7 +16,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::pattern::{all_match, present, AttributeCriterion, Matcher, PatternText};
+use super::pattern::{all_match, present, AttributeCriterion, Criteria, PatternText};
 use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, Issue};
 use crate::otlp::rewrite::{
@@ -74,6 +74,18 @@ pub struct RawCriteria {
     pub datapoint_attributes: Option<IndexMap<String, Vec<PatternText>>>,
 }
 
+impl RawCriteria {
+    fn compile(&self, path: &str, issues: &mut Vec<Issue>) -> Option<Criteria> {
+        Criteria::compile(
+            self.metric_names.as_deref(),
+            self.resource_attributes.as_ref(),
+            ("datapoint_attributes", self.datapoint_attributes.as_ref()),
+            path,
+            issues,
+        )
+    }
+}
+
 fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
     let raw: RawFilterConfig = config::deserialize(value).map_err(|i| vec![i])?;
     let mut issues = Vec::new();
@@ -86,68 +98,17 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
     let include = raw
         .include
         .as_ref()
-        .and_then(|c| Criteria::compile(c, "include", &mut issues));
+        .and_then(|c| c.compile("include", &mut issues));
     let exclude = raw
         .exclude
         .as_ref()
-        .and_then(|c| Criteria::compile(c, "exclude", &mut issues));
+        .and_then(|c| c.compile("exclude", &mut issues));
     if issues.is_empty() {
         Ok(Arc::new(FilterConfig {
             filter: Arc::new(Filter { include, exclude }),
         }))
     } else {
         Err(issues)
-    }
-}
-
-/// A compiled `include` or `exclude` block.
-#[derive(Debug)]
-struct Criteria {
-    metric_names: Option<Matcher>,
-    resource_attributes: Vec<AttributeCriterion>,
-    datapoint_attributes: Vec<AttributeCriterion>,
-}
-
-impl Criteria {
-    fn compile(raw: &RawCriteria, path: &str, issues: &mut Vec<Issue>) -> Option<Self> {
-        if raw.metric_names.is_none()
-            && raw.resource_attributes.is_none()
-            && raw.datapoint_attributes.is_none()
-        {
-            issues.push(Issue::new(
-                path,
-                "needs at least one of metric_names, resource_attributes, datapoint_attributes",
-            ));
-            return None;
-        }
-        let issues_before = issues.len();
-        let metric_names = raw
-            .metric_names
-            .as_ref()
-            .and_then(|p| Matcher::compile(p, &format!("{path}.metric_names"), issues));
-        let resource_attributes = raw
-            .resource_attributes
-            .as_ref()
-            .map(|r| {
-                AttributeCriterion::compile_all(r, &format!("{path}.resource_attributes"), issues)
-            })
-            .unwrap_or_default();
-        let datapoint_attributes = raw
-            .datapoint_attributes
-            .as_ref()
-            .map(|r| {
-                AttributeCriterion::compile_all(r, &format!("{path}.datapoint_attributes"), issues)
-            })
-            .unwrap_or_default();
-        (issues.len() == issues_before).then_some(Self {
-            metric_names,
-            resource_attributes,
-            datapoint_attributes,
-        })
-    }
-
-    fn name_matches(&self, name: &str) -> bool {
-        self.metric_names.as_ref().is_none_or(|m| m.is_match(name))
     }
 }
 
@@ -1329,11 +1290,11 @@ exclude:
                 include: raw
                     .include
                     .as_ref()
-                    .and_then(|c| Criteria::compile(c, "include", &mut issues)),
+                    .and_then(|c| c.compile("include", &mut issues)),
                 exclude: raw
                     .exclude
                     .as_ref()
-                    .and_then(|c| Criteria::compile(c, "exclude", &mut issues)),
+                    .and_then(|c| c.compile("exclude", &mut issues)),
             };
             assert!(issues.is_empty(), "{yaml}: {issues:?}");
             let request = random_request(&mut rng);

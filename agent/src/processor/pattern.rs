@@ -242,6 +242,59 @@ pub fn all_match(
     Ok(true)
 }
 
+/// Criteria on a metric's resource, name and data point attributes, all ANDed; a criterion
+/// left out does not constrain.
+#[derive(Debug)]
+pub struct Criteria {
+    pub metric_names: Option<Matcher>,
+    pub resource_attributes: Vec<AttributeCriterion>,
+    pub datapoint_attributes: Vec<AttributeCriterion>,
+}
+
+/// A key-to-patterns map as written.
+pub type RawAttributes = IndexMap<String, Vec<PatternText>>;
+
+impl Criteria {
+    /// Compiles the criteria under `path`; `point_attributes` names the data point key as
+    /// the config spells it. At least one criterion is required.
+    pub fn compile(
+        metric_names: Option<&[PatternText]>,
+        resource_attributes: Option<&RawAttributes>,
+        point_attributes: (&str, Option<&RawAttributes>),
+        path: &str,
+        issues: &mut Vec<Issue>,
+    ) -> Option<Self> {
+        let (point_key, point_attributes) = point_attributes;
+        if metric_names.is_none() && resource_attributes.is_none() && point_attributes.is_none() {
+            issues.push(Issue::new(
+                path,
+                format!("needs at least one of metric_names, resource_attributes, {point_key}"),
+            ));
+            return None;
+        }
+        let issues_before = issues.len();
+        let metric_names =
+            metric_names.and_then(|p| Matcher::compile(p, &format!("{path}.metric_names"), issues));
+        let resource_attributes = resource_attributes
+            .map(|r| {
+                AttributeCriterion::compile_all(r, &format!("{path}.resource_attributes"), issues)
+            })
+            .unwrap_or_default();
+        let datapoint_attributes = point_attributes
+            .map(|r| AttributeCriterion::compile_all(r, &format!("{path}.{point_key}"), issues))
+            .unwrap_or_default();
+        (issues.len() == issues_before).then_some(Self {
+            metric_names,
+            resource_attributes,
+            datapoint_attributes,
+        })
+    }
+
+    pub fn name_matches(&self, name: &str) -> bool {
+        self.metric_names.as_ref().is_none_or(|m| m.is_match(name))
+    }
+}
+
 /// The text a pattern is matched against for a decoded attribute value: strings as they are,
 /// integers, doubles and booleans as written (`1234`, `0.5`, `true`); other values have none.
 pub fn value_text<'a>(
