@@ -12,7 +12,7 @@ use metrics::Gauge;
 use serde::Deserialize;
 
 use super::{point_series, resource_hash, IdentityBuild, SeriesTracker, EXACT_SERIES_LIMIT};
-use crate::config::Issue;
+use crate::config::{join_path, Issue};
 use crate::otlp::rewrite::Attributes;
 use crate::otlp::wire::{
     self, AttributeIter, DataKind, Visitor, TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA,
@@ -78,13 +78,13 @@ impl MeterConfig {
                 c.metric_names.as_deref(),
                 c.resource_attributes.as_ref(),
                 ("attributes", c.attributes.as_ref()),
-                &format!("{path}.critical"),
+                &join_path(path, "critical"),
                 issues,
             )
         });
         let mut conserve: Vec<String> = Vec::new();
         if let Some(names) = &raw.conserve {
-            let list = format!("{path}.conserve");
+            let list = join_path(path, "conserve");
             if names.is_empty() {
                 issues.push(Issue::new(&list, "must list at least one metric name"));
             }
