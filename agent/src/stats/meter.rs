@@ -452,3 +452,328 @@ impl Visitor for MeterWalk<'_> {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::otlp::testdata::{
+        gauge_metric, int_attr, number_point, resource_metrics, string_attr, sum_metric,
+    };
+    use crate::otlp::ExportMetricsServiceRequest;
+    use crate::stats::VolumeMeter;
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric::Data, number_data_point, Metric, NumberDataPoint, ResourceMetrics,
+    };
+    use prost::Message;
+    use std::time::Instant;
+
+    const SINCE: u64 = 1_800_000_000_000_000_000;
+
+    fn config(yaml: &str) -> Arc<MeterConfig> {
+        let raw: RawMeterConfig = serde_yaml::from_str(yaml).unwrap();
+        let mut issues = Vec::new();
+        let config = MeterConfig::compile(raw, "meter", &mut issues);
+        assert!(issues.is_empty(), "{issues:?}");
+        Arc::new(config.unwrap())
+    }
+
+    fn meter(yaml: &str) -> VolumeMeter {
+        let mut meter = VolumeMeter::new("test");
+        meter.set_config(Some(config(yaml)));
+        meter.extra.as_mut().unwrap().set_since(SINCE);
+        meter
+    }
+
+    fn observe(meter: &mut VolumeMeter, resource_metrics: Vec<ResourceMetrics>) {
+        let request = ExportMetricsServiceRequest { resource_metrics };
+        meter.observe(&request.encode_to_vec(), 0);
+    }
+
+    fn rotate(meter: &mut VolumeMeter) {
+        let due = meter.next_rotation();
+        meter.rotate_if_due(due);
+    }
+
+    fn extra(meter: &mut VolumeMeter) -> &mut Extra {
+        meter.extra.as_mut().unwrap()
+    }
+
+    const CRITICAL: &str = r#"
+critical:
+  metric_names: ["process.cpu.*", "regex:^kube_"]
+  resource_attributes: { service.name: [checkout, "pay*"] }
+  attributes: { phoenix.priority: [critical] }
+"#;
+
+    fn priority(value: &str, cpu: i64) -> Vec<opentelemetry_proto::tonic::common::v1::KeyValue> {
+        vec![string_attr("phoenix.priority", value), int_attr("cpu", cpu)]
+    }
+
+    fn service(name: &str) -> Vec<opentelemetry_proto::tonic::common::v1::KeyValue> {
+        vec![string_attr("service.name", name)]
+    }
+
+    #[test]
+    fn critical_series_need_name_resource_and_point_attributes_to_match() {
+        let mut meter = meter(CRITICAL);
+        let checkout = resource_metrics(
+            service("checkout"),
+            vec![
+                sum_metric(
+                    "process.cpu.time",
+                    vec![
+                        number_point(priority("critical", 0), 1.0),
+                        number_point(priority("critical", 1), 1.0),
+                        number_point(priority("low", 2), 1.0),
+                        number_point(priority("critical", 0), 2.0), // the same series again
+                    ],
+                ),
+                gauge_metric("memory", vec![number_point(priority("critical", 0), 1.0)]),
+                gauge_metric(
+                    "kube_pod_ready",
+                    vec![number_point(priority("critical", 0), 1.0)],
+                ),
+            ],
+        );
+        let payments = resource_metrics(
+            service("payments"),
+            vec![gauge_metric(
+                "process.cpu.utilization",
+                vec![number_point(priority("critical", 0), 0.5)],
+            )],
+        );
+        let web = resource_metrics(
+            service("web"),
+            vec![gauge_metric(
+                "process.cpu.utilization",
+                vec![number_point(priority("critical", 0), 0.5)],
+            )],
+        );
+        observe(&mut meter, vec![checkout.clone(), payments, web]);
+        assert_eq!(extra(&mut meter).critical_counts(), Some((4, 4)));
+        assert_eq!(meter.series.total_count(), (7, false));
+
+        rotate(&mut meter);
+        assert_eq!(extra(&mut meter).critical_counts(), Some((0, 4)));
+        let mut one = checkout;
+        one.scope_metrics[0].metrics.truncate(1);
+        observe(&mut meter, vec![one.clone()]);
+        assert_eq!(extra(&mut meter).critical_counts(), Some((2, 4)));
+        let Some(Data::Sum(sum)) = &mut one.scope_metrics[0].metrics[0].data else {
+            unreachable!()
+        };
+        sum.data_points = vec![number_point(priority("critical", 7), 1.0)];
+        observe(&mut meter, vec![one]);
+        assert_eq!(extra(&mut meter).critical_counts(), Some((3, 5)));
+    }
+
+    #[test]
+    fn the_series_count_is_the_same_with_or_without_a_meter_config() {
+        let request = crate::otlp::testdata::request(3, 4, 5).encode_to_vec();
+        let mut plain = VolumeMeter::new("plain");
+        let mut metered = meter(CRITICAL);
+        plain.observe(&request, 0);
+        metered.observe(&request, 0);
+        assert_eq!(plain.series.total_count(), metered.series.total_count());
+        assert_eq!(plain.series.total_count(), (60, false));
+    }
+
+    fn point(attributes: &str, start: u64, value: f64) -> NumberDataPoint {
+        NumberDataPoint {
+            start_time_unix_nano: start,
+            ..number_point(vec![string_attr("k", attributes)], value)
+        }
+    }
+
+    fn int_point(attributes: &str, start: u64, value: i64) -> NumberDataPoint {
+        NumberDataPoint {
+            value: Some(number_data_point::Value::AsInt(value)),
+            ..point(attributes, start, 0.0)
+        }
+    }
+
+    fn sum(name: &str, temporality: i32, monotonic: bool, points: Vec<NumberDataPoint>) -> Metric {
+        let mut metric = sum_metric(name, points);
+        if let Some(Data::Sum(sum)) = &mut metric.data {
+            sum.aggregation_temporality = temporality;
+            sum.is_monotonic = monotonic;
+        }
+        metric
+    }
+
+    fn send(meter: &mut VolumeMeter, metrics: Vec<Metric>) {
+        observe(meter, vec![resource_metrics(service("a"), metrics)]);
+    }
+
+    const CONSERVE: &str = "conserve: [process.cpu.time, http.server.requests]";
+
+    fn total(meter: &mut VolumeMeter, name: &str) -> f64 {
+        extra(meter).conserved_total(name).unwrap()
+    }
+
+    #[test]
+    fn delta_sums_add_every_point() {
+        let mut meter = meter(CONSERVE);
+        let delta = |points| sum("process.cpu.time", TEMPORALITY_DELTA, true, points);
+        send(
+            &mut meter,
+            vec![delta(vec![point("a", 1, 1.5), point("b", 1, 2.5)])],
+        );
+        assert_eq!(total(&mut meter, "process.cpu.time"), 4.0);
+        send(
+            &mut meter,
+            vec![delta(vec![point("a", 2, 3.0), int_point("c", 2, 2)])],
+        );
+        assert_eq!(total(&mut meter, "process.cpu.time"), 9.0);
+        assert_eq!(total(&mut meter, "http.server.requests"), 0.0);
+    }
+
+    #[test]
+    fn cumulative_sums_count_increases_resets_and_series_born_after_the_meter() {
+        let mut meter = meter(CONSERVE);
+        let cumulative = |points| sum("http.server.requests", TEMPORALITY_CUMULATIVE, true, points);
+        let old = SINCE - 1_000;
+        // Started before the meter: the first point only sets the baseline.
+        send(&mut meter, vec![cumulative(vec![point("a", old, 10.0)])]);
+        assert_eq!(total(&mut meter, "http.server.requests"), 0.0);
+        send(&mut meter, vec![cumulative(vec![point("a", old, 15.0)])]);
+        assert_eq!(total(&mut meter, "http.server.requests"), 5.0);
+        // Dropped: a reset counts its new value.
+        send(&mut meter, vec![cumulative(vec![point("a", old, 3.0)])]);
+        assert_eq!(total(&mut meter, "http.server.requests"), 8.0);
+        // A new start time is a reset even if the value grew.
+        send(
+            &mut meter,
+            vec![cumulative(vec![point("a", SINCE + 5, 20.0)])],
+        );
+        assert_eq!(total(&mut meter, "http.server.requests"), 28.0);
+        // Born after the meter started: its first point counts whole.
+        send(&mut meter, vec![cumulative(vec![point("b", SINCE, 4.0)])]);
+        assert_eq!(total(&mut meter, "http.server.requests"), 32.0);
+        send(&mut meter, vec![cumulative(vec![int_point("b", SINCE, 6)])]);
+        assert_eq!(total(&mut meter, "http.server.requests"), 34.0);
+    }
+
+    #[test]
+    fn gauges_unlisted_and_non_monotonic_sums_are_not_counted() {
+        let mut meter = meter(CONSERVE);
+        send(
+            &mut meter,
+            vec![
+                gauge_metric("process.cpu.time", vec![point("a", SINCE, 5.0)]),
+                sum(
+                    "process.cpu.time",
+                    TEMPORALITY_DELTA,
+                    false,
+                    vec![point("b", SINCE, 5.0)],
+                ),
+                sum(
+                    "other",
+                    TEMPORALITY_DELTA,
+                    true,
+                    vec![point("c", SINCE, 5.0)],
+                ),
+                sum("process.cpu.time", 0, true, vec![point("d", SINCE, 5.0)]),
+                sum(
+                    "process.cpu.time",
+                    TEMPORALITY_DELTA,
+                    true,
+                    vec![point("e", SINCE, f64::NAN)],
+                ),
+            ],
+        );
+        assert_eq!(total(&mut meter, "process.cpu.time"), 0.0);
+        assert_eq!(extra(&mut meter).conserved_total("other"), None);
+        assert_eq!(extra(&mut meter).critical_counts(), None);
+    }
+
+    #[test]
+    fn temporality_is_read_wherever_it_sits_in_the_sum() {
+        // Temporality first, points after: the reverse of what prost writes.
+        let mut body = Vec::new();
+        body.extend_from_slice(&[0x10, 0x01, 0x18, 0x01]); // delta, monotonic
+        let point = point("a", SINCE, 2.0).encode_to_vec();
+        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut body);
+        prost::encoding::encode_varint(point.len() as u64, &mut body);
+        body.extend_from_slice(&point);
+        let mut metric = Vec::new();
+        prost::encoding::string::encode(1, &"process.cpu.time".to_string(), &mut metric);
+        prost::encoding::encode_key(7, prost::encoding::WireType::LengthDelimited, &mut metric);
+        prost::encoding::encode_varint(body.len() as u64, &mut metric);
+        metric.extend_from_slice(&body);
+        let metric = Metric::decode(&metric[..]).unwrap();
+        let mut meter = meter(CONSERVE);
+        send(&mut meter, vec![metric.clone(), metric]);
+        assert_eq!(total(&mut meter, "process.cpu.time"), 4.0);
+    }
+
+    #[test]
+    fn cumulative_state_is_bounded_and_forgets_stale_series() {
+        let mut meter = meter(CONSERVE);
+        let cumulative = |points| sum("http.server.requests", TEMPORALITY_CUMULATIVE, true, points);
+        extra(&mut meter).conserved.as_mut().unwrap().limit = 2;
+        send(
+            &mut meter,
+            vec![cumulative(vec![
+                point("a", SINCE, 1.0),
+                point("b", SINCE, 1.0),
+                point("c", SINCE, 1.0),
+            ])],
+        );
+        // The third series is beyond the bound: not tracked, not counted.
+        assert_eq!(total(&mut meter, "http.server.requests"), 2.0);
+        for _ in 0..CONSERVED_STALE_WINDOWS - 1 {
+            rotate(&mut meter);
+        }
+        send(&mut meter, vec![cumulative(vec![point("a", SINCE, 2.0)])]);
+        assert_eq!(
+            extra(&mut meter).conserved.as_ref().unwrap().series.len(),
+            2
+        );
+        rotate(&mut meter);
+        // "b" went unseen for 5 minutes; "a" was seen a window ago.
+        assert_eq!(
+            extra(&mut meter).conserved.as_ref().unwrap().series.len(),
+            1
+        );
+        assert_eq!(total(&mut meter, "http.server.requests"), 3.0);
+    }
+
+    #[test]
+    fn a_changed_config_resets_only_what_changed() {
+        let both = format!("{CRITICAL}{CONSERVE}\n");
+        let mut meter = meter(&both);
+        let started = Instant::now();
+        let delta = |points| sum("process.cpu.time", TEMPORALITY_DELTA, true, points);
+        observe(
+            &mut meter,
+            vec![resource_metrics(
+                service("checkout"),
+                vec![delta(vec![number_point(priority("critical", 0), 2.0)])],
+            )],
+        );
+        let counts = |meter: &mut VolumeMeter| {
+            (
+                extra(meter).critical_counts().unwrap().1,
+                total(meter, "process.cpu.time"),
+            )
+        };
+        assert_eq!(counts(&mut meter), (1, 2.0));
+        // An equal config, parsed again, keeps everything.
+        meter.set_config(Some(config(&both)));
+        assert_eq!(counts(&mut meter), (1, 2.0));
+        // A new selector resets the critical tracker only.
+        meter.set_config(Some(config(&both.replace("checkout", "shop"))));
+        assert_eq!(counts(&mut meter), (0, 2.0));
+        // A longer conserve list keeps the totals of the names still listed.
+        meter.set_config(Some(config(&format!(
+            "{CRITICAL}conserve: [process.cpu.time, other]\n"
+        ))));
+        assert_eq!(total(&mut meter, "process.cpu.time"), 2.0);
+        assert_eq!(total(&mut meter, "other"), 0.0);
+        meter.set_config(None);
+        assert!(meter.extra.is_none());
+        assert!(started.elapsed() < crate::stats::WINDOW);
+    }
+}
