@@ -212,3 +212,125 @@ shutdown_grace_period: 10s
     assert_eq!(sink.data_points(), 60);
     assert!(log.contains("every queue drained"), "{log}");
 }
+
+/// A `meter` section added and changed by reloads applies to the running pipeline without
+/// restarting it: its other counters go on, and a conserved total survives a longer list.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reloaded_meter_config_keeps_the_running_pipelines_counters() {
+    let config = |meter: &str| {
+        format!(
+            r#"
+receivers:
+  otlp: {{ protocols: {{ grpc: {{ endpoint: "{{GRPC}}" }} }} }}
+exporters:
+  blackhole: {{}}
+pipelines:
+  baseline: {{ receivers: [otlp], exporters: [blackhole] }}
+telemetry: {{ listen: "{{TELEMETRY}}" }}
+{meter}
+"#
+        )
+    };
+    let agent = Agent::start(&config("")).await;
+    let mut client = grpc_client(&agent).await;
+    let wait_for = |what: &'static str, done: Box<dyn Fn(&str) -> bool + Send>| {
+        let agent = &agent;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let m = agent.metrics().await;
+                if done(&m) {
+                    return m;
+                }
+                assert!(Instant::now() < deadline, "{what}:\n{m}\n{}", agent.log());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let reloaded = |n: f64| {
+        Box::new(move |m: &str| {
+            metric_value(m, "phoenix_config_reloads_total", &[("result", "success")]) >= n
+        }) as Box<dyn Fn(&str) -> bool + Send>
+    };
+    let conserved = |m: &str| {
+        metric_value(
+            m,
+            "phoenix_pipeline_output_conserved_total",
+            &[("pipeline", "baseline"), ("metric", "process.metric.0")],
+        )
+    };
+
+    client.export(testdata::request(2, 2, 3)).await.unwrap();
+    wait_for(
+        "the first request is metered",
+        Box::new(|m| {
+            metric_value(
+                m,
+                "phoenix_pipeline_output_datapoints_total",
+                &[("pipeline", "baseline")],
+            ) == 12.0
+        }),
+    )
+    .await;
+
+    agent.write_config(&config("meter: { conserve: [process.metric.0] }"));
+    wait_for("the meter is added", reloaded(1.0)).await;
+    // Cumulative series that started before the meter: the first request sets baselines,
+    // the second adds 10 to each of the 6 series of process.metric.0.
+    let grown = |by: f64| {
+        let mut request = testdata::request(2, 2, 3);
+        for rm in &mut request.resource_metrics {
+            for metric in &mut rm.scope_metrics[0].metrics {
+                if let Some(opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(sum)) =
+                    &mut metric.data
+                {
+                    for point in &mut sum.data_points {
+                        if let Some(
+                            opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsDouble(v),
+                        ) = &mut point.value
+                        {
+                            *v += by;
+                        }
+                    }
+                }
+            }
+        }
+        request
+    };
+    client.export(grown(0.0)).await.unwrap();
+    client.export(grown(10.0)).await.unwrap();
+    let m = wait_for(
+        "the conserved total counts the increase",
+        Box::new(move |m| conserved(m) == 60.0),
+    )
+    .await;
+    assert_eq!(
+        metric_value(
+            &m,
+            "phoenix_pipeline_output_datapoints_total",
+            &[("pipeline", "baseline")]
+        ),
+        36.0,
+        "the pipeline's counters went on"
+    );
+
+    agent.write_config(&config(
+        "meter: { conserve: [process.metric.0, process.metric.1] }",
+    ));
+    let m = wait_for("the meter is changed", reloaded(2.0)).await;
+    assert_eq!(conserved(&m), 60.0);
+    client.export(grown(20.0)).await.unwrap();
+    wait_for(
+        "the pipeline keeps metering",
+        Box::new(|m| {
+            metric_value(
+                m,
+                "phoenix_pipeline_output_datapoints_total",
+                &[("pipeline", "baseline")],
+            ) == 48.0
+        }),
+    )
+    .await;
+    // The new list started its baselines afresh: the total of the name kept is unchanged.
+    assert_eq!(conserved(&agent.metrics().await), 60.0);
+}

@@ -913,6 +913,9 @@ pub fn report_json(report: &phoenix_proto::v1::VolumeReport) -> serde_json::Valu
             "series_window": p.series_window,
             "series_total": p.series_total,
             "dropped_datapoints": p.dropped_datapoints,
+            "critical_series_window": p.critical_series_window,
+            "critical_series_total": p.critical_series_total,
+            "conserved": p.conserved,
         })).collect::<Vec<_>>(),
     })
 }

@@ -22,6 +22,7 @@ pub use crate::control::ControlPlaneConfig;
 use crate::exporter::{self, ExporterConfig};
 use crate::processor::{self, ProcessorConfig};
 use crate::receiver::{self, ReceiverConfig};
+use crate::stats::meter::{MeterConfig, RawMeterConfig};
 
 /// One problem in a configuration, at a key path such as
 /// `processors.filter/x.include.metric_names[2]`.
@@ -240,6 +241,9 @@ struct RawConfig {
     /// Optional connection to a Phoenix control plane.
     #[serde(default)]
     control_plane: Option<ControlPlaneConfig>,
+    /// Optional experiment measurements on every pipeline's output.
+    #[serde(default)]
+    meter: Option<RawMeterConfig>,
 }
 
 pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
@@ -259,6 +263,8 @@ pub struct AgentConfig {
     pub telemetry: TelemetryConfig,
     pub shutdown_grace_period: Duration,
     pub control_plane: Option<ControlPlaneConfig>,
+    /// The `meter` section, compiled; every pipeline's output meter applies it.
+    pub meter: Option<Arc<MeterConfig>>,
     /// SHA-256 of the effective (substituted) configuration, hex, first 16 bytes.
     pub hash: String,
 }
@@ -480,6 +486,11 @@ fn build(raw: RawConfig, source: PathBuf, hash: String, issues: &mut Vec<Issue>)
         );
     }
 
+    let meter = raw
+        .meter
+        .and_then(|m| MeterConfig::compile(m, "meter", issues))
+        .map(Arc::new);
+
     AgentConfig {
         source,
         receivers,
@@ -489,6 +500,7 @@ fn build(raw: RawConfig, source: PathBuf, hash: String, issues: &mut Vec<Issue>)
         telemetry: raw.telemetry,
         shutdown_grace_period: raw.shutdown_grace_period,
         control_plane: raw.control_plane,
+        meter,
         hash,
     }
 }
@@ -660,6 +672,45 @@ pipelines:
         assert!(ComponentId::parse("Otlp").is_err());
         assert!(ComponentId::parse("otlp/").is_err());
         assert!(ComponentId::parse("a/b/c").is_err());
+    }
+
+    #[test]
+    fn meter_config_errors_name_their_key() {
+        let meter = |body: &str| format!("{VALID}\nmeter: {body}\n");
+        let ok = AgentConfig::from_yaml(
+            &meter("{ critical: { metric_names: [\"process.cpu.*\", \"regex:^kube_.*\"], resource_attributes: { service.name: [checkout, \"pay*\"] }, attributes: { phoenix.priority: [critical] } }, conserve: [process.cpu.time, http.server.requests] }"),
+            Path::new("a.yaml"),
+        )
+        .unwrap();
+        assert!(ok.meter.is_some());
+        assert!(AgentConfig::from_yaml(VALID, Path::new("a.yaml"))
+            .unwrap()
+            .meter
+            .is_none());
+        assert_eq!(
+            paths(&meter("{ critical: { metric_names: [ok, \"regex:(\"] } }")),
+            vec!["meter.critical.metric_names[1]"]
+        );
+        assert_eq!(paths(&meter("{ conserve: 3 }")), vec!["meter.conserve"]);
+        assert_eq!(
+            paths(&meter("{ conserve: [a], foo: 1 }")),
+            vec!["meter.foo"]
+        );
+        assert_eq!(
+            paths(&meter("{ critical: { names: [a] } }")),
+            vec!["meter.critical.names"]
+        );
+        assert_eq!(
+            paths(&meter("{ conserve: [a, a] }")),
+            vec!["meter.conserve[1]"]
+        );
+        assert_eq!(paths(&meter("{ conserve: [] }")), vec!["meter.conserve"]);
+        assert_eq!(paths(&meter("{ critical: {} }")), vec!["meter.critical"]);
+        assert_eq!(paths(&meter("{}")), vec!["meter"]);
+        assert_eq!(
+            paths(&meter("{ critical: { attributes: { k: [\"[\"] } } }")),
+            vec!["meter.critical.attributes.k[0]"]
+        );
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   pipeline uses any more are left out.
 //! * role `clear`: the local file alone.
 //!
+//! With role `candidate` or `baseline`, a `meter` key in the offer replaces the local file's
+//! `meter` (the experiment decides what is measured); `clear` returns to the local one.
+//!
 //! A new offer replaces the previous one; it goes through the same validated build and swap
 //! as a file reload, so a bad offer never replaces the running config.
 
@@ -31,7 +34,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/phoenix-agent";
 /// The file in `state_dir` holding the last applied offer.
 pub const STATE_FILE: &str = "applied-offer.json";
 /// Top-level keys an offer may carry.
-pub const OFFER_SECTIONS: [&str; 4] = ["receivers", "processors", "exporters", "pipelines"];
+pub const OFFER_SECTIONS: [&str; 5] = ["receivers", "processors", "exporters", "pipelines", METER];
+/// The offer key that replaces the local `meter` instead of adding entries.
+const METER: &str = "meter";
 
 /// `control_plane:`: where the agent connects and how it introduces itself.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -177,6 +182,10 @@ pub fn check_document(document: &str) -> Vec<Issue> {
             ));
             continue;
         }
+        if key == METER {
+            issues.extend(check_meter(section).into_iter().map(|i| i.under(METER)));
+            continue;
+        }
         let entries = match section {
             Value::Mapping(m) => m,
             Value::Null => Mapping::new(),
@@ -221,6 +230,20 @@ pub fn check_document(document: &str) -> Vec<Issue> {
     issues
 }
 
+/// Checks an offered `meter` section; an empty one means no meter.
+fn check_meter(section: Value) -> Vec<Issue> {
+    if section.is_null() {
+        return Vec::new();
+    }
+    let raw = match config::deserialize::<crate::stats::meter::RawMeterConfig>(section) {
+        Ok(raw) => raw,
+        Err(issue) => return vec![issue],
+    };
+    let mut issues = Vec::new();
+    crate::stats::meter::MeterConfig::compile(raw, "", &mut issues);
+    issues
+}
+
 /// Merges `offer` into the local file's YAML value (not yet substituted), by the rules in the
 /// module docs. Problems are reported under `offer.<section>.<name>`.
 pub fn merge(local: Value, offer: Option<&Offer>) -> Result<Value, Vec<Issue>> {
@@ -250,6 +273,11 @@ pub fn merge(local: Value, offer: Option<&Offer>) -> Result<Value, Vec<Issue>> {
                 format!("offer.{key_name}"),
                 format!("an offer may only hold {}", OFFER_SECTIONS.join(", ")),
             ));
+            continue;
+        }
+        if key_name == METER {
+            // Validated with the rest of the merged config.
+            local.insert(key, section);
             continue;
         }
         let entries = match section {
@@ -430,6 +458,48 @@ pipelines:
         assert_eq!(issues[0].path, "offer.telemetry");
         let cleared = build(Some(&offer(OfferRole::Clear, ""))).unwrap();
         assert_eq!(cleared.hash, build(None).unwrap().hash);
+    }
+
+    #[test]
+    fn an_offered_meter_replaces_the_local_one_and_clear_restores_it() {
+        let local = format!("{LOCAL}meter: {{ conserve: [local.counter] }}\n");
+        let build = |offer: Option<&Offer>| {
+            let value = config::parse_yaml(&local, Path::new("a.yaml")).unwrap();
+            let merged = merge(value, offer)?;
+            AgentConfig::from_value(merged, Path::new("a.yaml")).map_err(|e| e.issues().to_vec())
+        };
+        let local_meter = build(None).unwrap().meter.unwrap();
+        let doc = "meter: { critical: { metric_names: [\"process.cpu.*\"] }, conserve: [process.cpu.time] }\nexporters: { debug/c: {} }\npipelines: { candidate: { receivers: [otlp], exporters: [debug/c] } }\n";
+        for role in [OfferRole::Candidate, OfferRole::Baseline] {
+            let merged = build(Some(&offer(role, doc))).unwrap();
+            let meter = merged.meter.unwrap();
+            assert_ne!(*meter, *local_meter, "{role:?}");
+            let expected = AgentConfig::from_yaml(
+                &format!("{LOCAL}meter: {{ critical: {{ metric_names: [\"process.cpu.*\"] }}, conserve: [process.cpu.time] }}\n"),
+                Path::new("a.yaml"),
+            )
+            .unwrap()
+            .meter
+            .unwrap();
+            assert_eq!(*meter, *expected, "{role:?}");
+        }
+        let cleared = build(Some(&offer(OfferRole::Clear, doc))).unwrap();
+        assert_eq!(*cleared.meter.unwrap(), *local_meter);
+        // A bad offered meter is refused with its path; other unknown sections still are.
+        let issues = build(Some(&offer(
+            OfferRole::Candidate,
+            "meter: { conserve: [a], foo: 1 }",
+        )))
+        .unwrap_err();
+        assert_eq!(issues[0].path, "meter.foo");
+        let issues = build(Some(&offer(OfferRole::Candidate, "telemetry: {}"))).unwrap_err();
+        assert_eq!(issues[0].path, "offer.telemetry");
+        assert!(check_document("meter: { conserve: [a] }").is_empty());
+        let paths: Vec<_> = check_document("meter: { critical: { metric_names: [\"regex:(\"] } }")
+            .into_iter()
+            .map(|i| i.path)
+            .collect();
+        assert_eq!(paths, vec!["meter.critical.metric_names[0]"]);
     }
 
     #[test]

@@ -18,11 +18,11 @@ pub fn from_prometheus_text(text: &str) -> VolumeReport {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let Ok(value) = value.trim().parse::<f64>() else {
+        let Ok(raw) = value.trim().parse::<f64>() else {
             continue;
         };
-        let value = if value.is_finite() && value > 0.0 {
-            value as u64
+        let value = if raw.is_finite() && raw > 0.0 {
+            raw as u64
         } else {
             0
         };
@@ -42,6 +42,18 @@ pub fn from_prometheus_text(text: &str) -> VolumeReport {
             ..Default::default()
         };
         let window = label(labels, "window");
+        if name == telemetry::PIPELINE_OUTPUT_CONSERVED {
+            let (Some(metric), true) = (label(labels, "metric"), raw.is_finite()) else {
+                continue;
+            };
+            *pipelines
+                .entry(pipeline.to_string())
+                .or_insert_with(entry)
+                .conserved
+                .entry(metric.to_string())
+                .or_default() += raw;
+            continue;
+        }
         let target = match name {
             telemetry::PIPELINE_OUTPUT_DATAPOINTS => {
                 &mut pipelines
@@ -66,6 +78,18 @@ pub fn from_prometheus_text(text: &str) -> VolumeReport {
                     .entry(pipeline.to_string())
                     .or_insert_with(entry)
                     .series_window
+            }
+            telemetry::PIPELINE_OUTPUT_CRITICAL_SERIES if window == Some("total") => {
+                &mut pipelines
+                    .entry(pipeline.to_string())
+                    .or_insert_with(entry)
+                    .critical_series_total
+            }
+            telemetry::PIPELINE_OUTPUT_CRITICAL_SERIES => {
+                &mut pipelines
+                    .entry(pipeline.to_string())
+                    .or_insert_with(entry)
+                    .critical_series_window
             }
             telemetry::PIPELINE_DROPPED | telemetry::PROCESSOR_DROPPED => {
                 &mut pipelines
@@ -135,6 +159,12 @@ phoenix_pipeline_output_datapoints_total{pipeline=\"baseline\"} 120\n\
 phoenix_pipeline_output_bytes_total{pipeline=\"baseline\"} 4096\n\
 phoenix_pipeline_output_series{pipeline=\"baseline\",window=\"10s\"} 7\n\
 phoenix_pipeline_output_series{pipeline=\"baseline\",window=\"total\"} 9\n\
+phoenix_pipeline_output_critical_series{pipeline=\"baseline\",window=\"10s\"} 2\n\
+phoenix_pipeline_output_critical_series{pipeline=\"baseline\",window=\"total\"} 3\n\
+# TYPE phoenix_pipeline_output_conserved_total gauge\n\
+phoenix_pipeline_output_conserved_total{pipeline=\"baseline\",metric=\"process.cpu.time\"} 12.5\n\
+phoenix_pipeline_output_conserved_total{pipeline=\"candidate\",metric=\"process.cpu.time\"} 12.25\n\
+phoenix_pipeline_output_conserved_total{pipeline=\"candidate\",metric=\"http.server.requests\"} 0\n\
 phoenix_pipeline_dropped_datapoints_total{pipeline=\"candidate\",reason=\"queue_full\"} 3\n\
 phoenix_receiver_refused_datapoints_total{receiver=\"otlp\",transport=\"grpc\",reason=\"malformed\"} 5\n\
 phoenix_config_info{hash=\"abc\"} 1\n";
@@ -151,7 +181,20 @@ phoenix_config_info{hash=\"abc\"} 1\n";
             ),
             (120, 4096, 7, 9)
         );
-        assert_eq!(report.pipelines[1].dropped_datapoints, 3);
+        assert_eq!(
+            (
+                baseline.critical_series_window,
+                baseline.critical_series_total
+            ),
+            (2, 3)
+        );
+        assert_eq!(baseline.conserved.len(), 1);
+        assert_eq!(baseline.conserved["process.cpu.time"], 12.5);
+        let candidate = &report.pipelines[1];
+        assert_eq!(candidate.dropped_datapoints, 3);
+        assert_eq!(candidate.conserved["process.cpu.time"], 12.25);
+        assert_eq!(candidate.conserved["http.server.requests"], 0.0);
+        assert_eq!(candidate.critical_series_total, 0);
         assert!(report.rss_bytes > 0);
     }
 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use indexmap::IndexMap;
 use metrics::{Counter, Gauge};
 use serde_yaml::Value;
@@ -21,6 +22,7 @@ use crate::config::{AgentConfig, Component, ComponentId, PipelineSpec};
 use crate::exporter::ExporterHandle;
 use crate::otlp::Batch;
 use crate::processor::{BuildContext, StateRegistry};
+use crate::stats::meter::MeterConfig;
 use crate::telemetry;
 
 /// How long a receiver waits for room in a full pipeline before refusing the request.
@@ -58,10 +60,15 @@ impl PipelineInput {
     }
 }
 
+/// The `meter` config a running pipeline's output meter applies; a reload stores the new
+/// one here instead of restarting the pipeline.
+pub type MeterSlot = Arc<ArcSwapOption<MeterConfig>>;
+
 /// A running pipeline and the config it runs, for reload diffs.
 pub struct RunningPipeline {
     pub input: Arc<PipelineInput>,
     fingerprint: Fingerprint,
+    meter: MeterSlot,
 }
 
 /// Everything a pipeline's runtime depends on; equal fingerprints mean it can be kept.
@@ -218,11 +225,13 @@ impl Pipelines {
                     if let Some(previous_states) = previous_states {
                         states.keep_pipeline(previous_states, name);
                     }
+                    pipeline.meter.store(config.meter.clone());
                     pipeline
                 }
                 None => {
                     let stages = build_stages(name, spec, &config, previous_states, &mut states);
-                    start_pipeline(name, spec, stages, &exporters, fingerprint, tracker)
+                    let meter = Arc::new(ArcSwapOption::new(config.meter.clone()));
+                    start_pipeline(name, spec, stages, &exporters, fingerprint, meter, tracker)
                 }
             };
             running.insert(name.clone(), pipeline);
@@ -303,6 +312,7 @@ fn start_pipeline(
     stages: Vec<runner::Stage>,
     exporters: &HashMap<ComponentId, (Value, Arc<ExporterHandle>)>,
     fingerprint: Fingerprint,
+    meter: MeterSlot,
     tracker: &TaskTracker,
 ) -> Arc<RunningPipeline> {
     let (tx, rx) = mpsc::channel(spec.queue_size);
@@ -334,6 +344,11 @@ fn start_pipeline(
         outputs,
         spec.shadow,
         input.queue_size.clone(),
+        meter.clone(),
     ));
-    Arc::new(RunningPipeline { input, fingerprint })
+    Arc::new(RunningPipeline {
+        input,
+        fingerprint,
+        meter,
+    })
 }

@@ -8,10 +8,12 @@ use std::time::Instant;
 use metrics::{Counter, Gauge};
 use tokio::sync::mpsc;
 
+use super::MeterSlot;
 use crate::config::ComponentId;
 use crate::exporter::{ExportItem, ExporterHandle};
 use crate::otlp::{Batch, Payload};
 use crate::processor::Processor;
+use crate::stats::meter::MeterConfig;
 use crate::stats::VolumeMeter;
 use crate::telemetry;
 
@@ -61,13 +63,34 @@ fn run_stages(stages: &mut [Stage], mut payloads: Vec<Payload>) -> Vec<Payload> 
 
 struct Output {
     meter: VolumeMeter,
+    /// The `meter` config as last stored by a reload, and the one the meter applies.
+    meter_config: MeterSlot,
+    applied: Option<Arc<MeterConfig>>,
     exporters: Vec<Arc<ExporterHandle>>,
     /// A shadow pipeline never waits for its exporters: it drops and counts instead.
     shadow: bool,
 }
 
 impl Output {
+    /// Picks up a `meter` config a reload stored; one atomic load when nothing changed.
+    fn refresh_meter_config(&mut self) {
+        let current = self.meter_config.load();
+        let same = match (&*current, &self.applied) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            self.applied = current.clone();
+            self.meter.set_config(self.applied.clone());
+        }
+    }
+
     async fn emit(&mut self, payloads: Vec<Payload>) {
+        if payloads.is_empty() {
+            return;
+        }
+        self.refresh_meter_config();
         for payload in payloads {
             let data_points = payload.data_points();
             let bytes = payload.into_bytes();
@@ -90,12 +113,16 @@ pub async fn run(
     exporters: Vec<Arc<ExporterHandle>>,
     shadow: bool,
     queue_size: Gauge,
+    meter_config: MeterSlot,
 ) {
     let mut output = Output {
         meter: VolumeMeter::new(&name),
+        meter_config,
+        applied: None,
         exporters,
         shadow,
     };
+    output.refresh_meter_config();
     loop {
         let next_deadline = stages
             .iter()
@@ -118,6 +145,7 @@ pub async fn run(
                         output.emit(out).await;
                     }
                 }
+                output.refresh_meter_config();
                 output.meter.rotate_if_due(now);
             }
         }

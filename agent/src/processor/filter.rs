@@ -10,19 +10,17 @@
 //! shared, not copied), and so is a resource under which the criteria cannot drop anything
 //! (with resource criteria only, the filter does not look below the resources).
 
-use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use indexmap::IndexMap;
-use serde::de::Deserializer;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::pattern::{Matcher, PatternText};
+use super::pattern::{all_match, present, AttributeCriterion, Criteria, PatternText};
 use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, Issue};
 use crate::otlp::rewrite::{
-    self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit, Value as WireValue,
+    self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit,
 };
 use crate::otlp::wire::WireError;
 use crate::otlp::Payload;
@@ -76,16 +74,16 @@ pub struct RawCriteria {
     pub datapoint_attributes: Option<IndexMap<String, Vec<PatternText>>>,
 }
 
-/// A key that is present counts even with an empty value (`include:`), so that it is
-/// validated instead of silently ignored.
-fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Some(
-        Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
-    ))
+impl RawCriteria {
+    fn compile(&self, path: &str, issues: &mut Vec<Issue>) -> Option<Criteria> {
+        Criteria::compile(
+            self.metric_names.as_deref(),
+            self.resource_attributes.as_ref(),
+            ("datapoint_attributes", self.datapoint_attributes.as_ref()),
+            path,
+            issues,
+        )
+    }
 }
 
 fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
@@ -100,135 +98,17 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
     let include = raw
         .include
         .as_ref()
-        .and_then(|c| Criteria::compile(c, "include", &mut issues));
+        .and_then(|c| c.compile("include", &mut issues));
     let exclude = raw
         .exclude
         .as_ref()
-        .and_then(|c| Criteria::compile(c, "exclude", &mut issues));
+        .and_then(|c| c.compile("exclude", &mut issues));
     if issues.is_empty() {
         Ok(Arc::new(FilterConfig {
             filter: Arc::new(Filter { include, exclude }),
         }))
     } else {
         Err(issues)
-    }
-}
-
-/// One attribute key whose value must match.
-#[derive(Debug)]
-struct AttributeCriterion {
-    key: String,
-    values: Matcher,
-}
-
-impl AttributeCriterion {
-    fn compile_all(
-        raw: &IndexMap<String, Vec<PatternText>>,
-        path: &str,
-        issues: &mut Vec<Issue>,
-    ) -> Vec<Self> {
-        if raw.is_empty() {
-            issues.push(Issue::new(path, "must list at least one attribute key"));
-        }
-        raw.iter()
-            .filter_map(|(key, patterns)| {
-                if key.is_empty() {
-                    issues.push(Issue::new(path, "attribute keys must not be empty"));
-                    return None;
-                }
-                Matcher::compile(patterns, &format!("{path}.{key}"), issues).map(|values| Self {
-                    key: key.clone(),
-                    values,
-                })
-            })
-            .collect()
-    }
-
-    /// Whether `attributes` holds this key (its first occurrence) with a matching value.
-    fn matches(&self, attributes: Attributes<'_>, scratch: &mut String) -> Result<bool, WireError> {
-        let Some(kv) = attributes.find(self.key.as_bytes())? else {
-            return Ok(false);
-        };
-        Ok(match kv.value()? {
-            // A string that is not UTF-8 (a decoder would refuse it) matches no pattern.
-            WireValue::String(s) => std::str::from_utf8(s).is_ok_and(|s| self.values.is_match(s)),
-            WireValue::Bool(b) => self.values.is_match(if b { "true" } else { "false" }),
-            WireValue::Int(i) => self.rendered_matches(scratch, format_args!("{i}")),
-            WireValue::Double(d) => self.rendered_matches(scratch, format_args!("{d}")),
-            _ => false,
-        })
-    }
-
-    fn rendered_matches(&self, scratch: &mut String, value: fmt::Arguments<'_>) -> bool {
-        scratch.clear();
-        // Writing to a String cannot fail.
-        let _ = scratch.write_fmt(value);
-        self.values.is_match(scratch)
-    }
-}
-
-/// Whether every criterion matches; true when there are none.
-fn all_match(
-    criteria: &[AttributeCriterion],
-    attributes: Attributes<'_>,
-    scratch: &mut String,
-) -> Result<bool, WireError> {
-    for criterion in criteria {
-        if !criterion.matches(attributes, scratch)? {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// A compiled `include` or `exclude` block.
-#[derive(Debug)]
-struct Criteria {
-    metric_names: Option<Matcher>,
-    resource_attributes: Vec<AttributeCriterion>,
-    datapoint_attributes: Vec<AttributeCriterion>,
-}
-
-impl Criteria {
-    fn compile(raw: &RawCriteria, path: &str, issues: &mut Vec<Issue>) -> Option<Self> {
-        if raw.metric_names.is_none()
-            && raw.resource_attributes.is_none()
-            && raw.datapoint_attributes.is_none()
-        {
-            issues.push(Issue::new(
-                path,
-                "needs at least one of metric_names, resource_attributes, datapoint_attributes",
-            ));
-            return None;
-        }
-        let issues_before = issues.len();
-        let metric_names = raw
-            .metric_names
-            .as_ref()
-            .and_then(|p| Matcher::compile(p, &format!("{path}.metric_names"), issues));
-        let resource_attributes = raw
-            .resource_attributes
-            .as_ref()
-            .map(|r| {
-                AttributeCriterion::compile_all(r, &format!("{path}.resource_attributes"), issues)
-            })
-            .unwrap_or_default();
-        let datapoint_attributes = raw
-            .datapoint_attributes
-            .as_ref()
-            .map(|r| {
-                AttributeCriterion::compile_all(r, &format!("{path}.datapoint_attributes"), issues)
-            })
-            .unwrap_or_default();
-        (issues.len() == issues_before).then_some(Self {
-            metric_names,
-            resource_attributes,
-            datapoint_attributes,
-        })
-    }
-
-    fn name_matches(&self, name: &str) -> bool {
-        self.metric_names.as_ref().is_none_or(|m| m.is_match(name))
     }
 }
 
@@ -1410,11 +1290,11 @@ exclude:
                 include: raw
                     .include
                     .as_ref()
-                    .and_then(|c| Criteria::compile(c, "include", &mut issues)),
+                    .and_then(|c| c.compile("include", &mut issues)),
                 exclude: raw
                     .exclude
                     .as_ref()
-                    .and_then(|c| Criteria::compile(c, "exclude", &mut issues)),
+                    .and_then(|c| c.compile("exclude", &mut issues)),
             };
             assert!(issues.is_empty(), "{yaml}: {issues:?}");
             let request = random_request(&mut rng);

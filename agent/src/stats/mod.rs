@@ -1,10 +1,14 @@
 //! Volume accounting of a pipeline's output: data points, distinct series and encoded bytes,
 //! per 10 s window and in total. This is what the control plane compares between baseline and
-//! candidate, so it is measured on exactly what the exporters receive.
+//! candidate, so it is measured on exactly what the exporters receive. With a `meter` config
+//! ([`meter`]) the same walk also counts critical series and conserved counters.
+
+pub mod meter;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyperloglogplus::{HyperLogLog, HyperLogLogPF};
@@ -148,7 +152,7 @@ struct SeriesHasher<'a> {
 
 impl Visitor for SeriesHasher<'_> {
     fn resource(&mut self, resource: &[u8]) {
-        self.resource = unordered_hash(self.state, wire_attributes(resource));
+        self.resource = resource_hash(self.state, resource);
     }
     fn scope(&mut self, scope: &[u8]) {
         self.scope = self.state.hash_one(scope);
@@ -157,12 +161,34 @@ impl Visitor for SeriesHasher<'_> {
         self.metric = self.state.hash_one(name);
     }
     fn data_point(&mut self, attributes: AttributeIter<'_>) {
-        let points = unordered_hash(self.state, attributes);
-        let series = self
-            .state
-            .hash_one((self.resource, self.scope, self.metric, points));
+        let series = point_series(
+            self.state,
+            self.resource,
+            self.scope,
+            self.metric,
+            attributes,
+        );
         (self.sink)(series);
     }
+}
+
+#[inline]
+fn resource_hash(state: &ahash::RandomState, resource: &[u8]) -> u64 {
+    unordered_hash(state, wire_attributes(resource))
+}
+
+/// A series' identity from the hashes of its resource, scope and metric name and its point's
+/// attributes.
+#[inline]
+fn point_series(
+    state: &ahash::RandomState,
+    resource: u64,
+    scope: u64,
+    metric: u64,
+    attributes: AttributeIter<'_>,
+) -> u64 {
+    let points = unordered_hash(state, attributes);
+    state.hash_one((resource, scope, metric, points))
 }
 
 fn wire_attributes(resource: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -210,6 +236,9 @@ pub struct VolumeMeter {
     window_points: u64,
     window_bytes: u64,
     handles: MeterHandles,
+    /// What a `meter` config adds; `None` skips all of it.
+    extra: Option<meter::Extra>,
+    pipeline: String,
 }
 
 struct MeterHandles {
@@ -243,13 +272,34 @@ impl VolumeMeter {
             window_points: 0,
             window_bytes: 0,
             handles,
+            extra: None,
+            pipeline: pipeline.to_string(),
+        }
+    }
+
+    /// Applies the `meter` config. An equal config changes nothing; a changed one resets only
+    /// the measurements whose part of it changed.
+    pub fn set_config(&mut self, config: Option<Arc<meter::MeterConfig>>) {
+        match (config, &mut self.extra) {
+            (None, extra) => *extra = None,
+            (Some(config), Some(extra)) => {
+                if !Arc::ptr_eq(&config, extra.config()) && *config != **extra.config() {
+                    extra.reconfigure(config, false);
+                }
+            }
+            (Some(config), extra @ None) => {
+                *extra = Some(meter::Extra::new(&self.pipeline, config));
+            }
         }
     }
 
     /// Accounts one encoded output request.
     pub fn observe(&mut self, request: &[u8], data_points: u64) {
         let tracker = &mut self.series;
-        let walked = for_each_series(&self.state, request, |series| tracker.insert(series));
+        let walked = match &mut self.extra {
+            None => for_each_series(&self.state, request, |series| tracker.insert(series)),
+            Some(extra) => extra.walk(&self.state, tracker, request),
+        };
         if let Err(err) = walked {
             tracing::warn!(error = %err, "pipeline output could not be metered");
         }
@@ -281,6 +331,9 @@ impl VolumeMeter {
             .total_estimated
             .set(f64::from(u8::from(estimated)));
         self.series.next_window();
+        if let Some(extra) = &mut self.extra {
+            extra.rotate();
+        }
         self.window_points = 0;
         self.window_bytes = 0;
         // Windows stay aligned to the first one even if a rotation was late.

@@ -60,6 +60,10 @@ metric_defs! {
         "Distinct series leaving a pipeline: window=\"10s\" is the last complete 10 s window, window=\"total\" counts since start.";
     PIPELINE_OUTPUT_SERIES_ESTIMATED = "phoenix_pipeline_output_series_estimated", Gauge, Count, ["pipeline", "window"],
         "1 when phoenix_pipeline_output_series of the same labels is a HyperLogLog estimate (more series than the exact bound), 0 when exact.";
+    PIPELINE_OUTPUT_CRITICAL_SERIES = "phoenix_pipeline_output_critical_series", Gauge, Count, ["pipeline", "window"],
+        "Distinct critical series (matching meter.critical) leaving a pipeline: window=\"10s\" is the last complete 10 s window, window=\"total\" counts since start (or since meter.critical last changed). Only with a meter config.";
+    PIPELINE_OUTPUT_CONSERVED = "phoenix_pipeline_output_conserved_total", Gauge, Count, ["pipeline", "metric"],
+        "Total increase of a counter listed in meter.conserve leaving a pipeline (monotonic sums only: delta points added, cumulative series by their increase). A gauge because it is fractional; it only goes up. Only with a meter config.";
     PIPELINE_OUTPUT_WINDOW_DATAPOINTS = "phoenix_pipeline_output_window_datapoints", Gauge, Count, ["pipeline"],
         "Data points a pipeline emitted in the last complete 10 s window.";
     PIPELINE_OUTPUT_WINDOW_BYTES = "phoenix_pipeline_output_window_bytes", Gauge, Bytes, ["pipeline"],
@@ -144,6 +148,11 @@ mod tests {
     fn names_follow_the_convention() {
         for def in METRICS {
             assert!(def.name.starts_with("phoenix_"), "{}", def.name);
+            // A fractional running total can only be a gauge: counters count integers.
+            if def.name == PIPELINE_OUTPUT_CONSERVED {
+                assert_eq!(def.kind, Kind::Gauge);
+                continue;
+            }
             assert_eq!(
                 def.kind == Kind::Counter,
                 def.name.ends_with("_total"),

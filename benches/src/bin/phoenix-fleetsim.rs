@@ -228,6 +228,7 @@ fn report(index: usize, n: u64) -> VolumeReport {
                 series_window: 5_400,
                 series_total: 5_400 + 30 * n,
                 dropped_datapoints: 0,
+                ..Default::default()
             },
             PipelineVolume {
                 pipeline: "candidate".into(),
@@ -236,6 +237,7 @@ fn report(index: usize, n: u64) -> VolumeReport {
                 series_window: 1_800,
                 series_total: 1_800 + 10 * n,
                 dropped_datapoints: 0,
+                ..Default::default()
             },
         ],
         refused_datapoints: 0,
