@@ -19,7 +19,7 @@ fn the_demo_reaches_a_verdict_on_this_machines_processes_and_leaves_nothing_runn
             "--duration",
             "20s",
             "--warmup",
-            "10s",
+            "20s",
             "--window",
             "10s",
         ])

@@ -70,7 +70,7 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -393,7 +393,7 @@ mod tests {
     fn the_sample_experiment_is_valid_and_tuned_by_the_flags() {
         let args = DemoArgs {
             duration: Duration::from_secs(20),
-            warmup: Duration::from_secs(5),
+            warmup: Duration::from_secs(20),
             window: Duration::from_secs(5),
             load: None,
             experiment: None,

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::definition::{CostModel, Definition};
+use super::definition::{CostModel, Definition, Percent};
 use crate::store::Millis;
 
 const SECONDS_PER_MONTH: f64 = 30.0 * 24.0 * 3600.0;
@@ -338,7 +338,9 @@ pub fn verdict(definition: &Definition, windows: &[Window], without: Option<Usag
         |f: &dyn Fn(&Window) -> f64| estimate(&windows.iter().map(f).collect::<Vec<_>>());
     let mut criteria = Vec::new();
     let c = &definition.criteria;
-    let reductions: [(&str, Option<_>, f64, f64, &dyn Fn(&Window) -> f64); 3] = [
+    /// Name, threshold, candidate and baseline over the run, the value of one window.
+    type Reduction<'a> = (&'a str, Option<Percent>, f64, f64, &'a dyn Fn(&Window) -> f64);
+    let reductions: [Reduction; 3] = [
         (
             "min_series_reduction",
             c.min_series_reduction,

@@ -49,6 +49,10 @@ impl<'de> Deserialize<'de> for Percent {
     }
 }
 
+/// Two of the agents' 10 s meter windows: the first complete series count of a pipeline
+/// started (or a meter reconfigured) mid-window is the second one.
+pub const MIN_WARMUP: Duration = Duration::from_secs(20);
+
 fn default_baseline_pipeline() -> String {
     "baseline".into()
 }
@@ -227,6 +231,12 @@ impl Definition {
         }
         if self.baseline.pipeline.trim().is_empty() {
             problem("baseline.pipeline", "must not be empty");
+        }
+        if self.warmup < MIN_WARMUP {
+            problem(
+                "warmup",
+                "must be at least 20s: agents count series per 10 s window, and the first one after the candidate starts may be partial",
+            );
         }
         if self.duration.is_zero() {
             problem("duration", "must be longer than 0s");
@@ -428,7 +438,7 @@ candidate:
   processors:
     aggregate/exp: { interval: 10s, keep: [host.name, process.executable.name] }
   pipeline: { receivers: [otlp], processors: [aggregate/exp] }
-warmup: 10s
+warmup: 20s
 duration: 1m
 window: 10s
 criteria:
@@ -491,7 +501,7 @@ cost: { per_million_datapoints: 0.1, per_series: 0.01 }
         assert!(p[0].starts_with("criteria.min_series_reduction:"), "{p:?}");
         let p = problems(&SAMPLE.replace("duration: 1m", "duration: soon"));
         assert!(p[0].starts_with("duration:"), "{p:?}");
-        let p = problems(&SAMPLE.replace("warmup: 10s", "warmup: 10s\ncolour: red"));
+        let p = problems(&SAMPLE.replace("warmup: 20s", "warmup: 20s\ncolour: red"));
         assert!(p[0].contains("colour"), "{p:?}");
         let p =
             problems(&SAMPLE.replace("min_series_reduction: 50%", "min_series_reduction: 150%"));
@@ -501,6 +511,8 @@ cost: { per_million_datapoints: 0.1, per_series: 0.01 }
         );
         let p = problems(&SAMPLE.replace("selector: role=web", "selector: '=web'"));
         assert!(p[0].starts_with("selector:"), "{p:?}");
+        let p = problems(&SAMPLE.replace("warmup: 20s", "warmup: 5s"));
+        assert!(p[0].starts_with("warmup: must be at least 20s"), "{p:?}");
         let p = problems(&SAMPLE.replace("window: 10s", "window: 5m"));
         assert_eq!(p, vec!["window: must not be longer than duration"]);
         let p = problems(&SAMPLE.replace("receivers: [otlp]", "receivers: []"));
