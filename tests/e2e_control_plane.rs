@@ -1465,6 +1465,17 @@ async fn an_experiment_runs_only_on_its_targets_reaches_a_verdict_and_is_promote
     let ci = &criterion(&done, "min_datapoints_reduction")["per_window"];
     assert!(ci["ci95_low"].as_f64().unwrap() <= ci["mean"].as_f64().unwrap());
 
+    let metrics = reqwest::get(format!("{}/metrics", fleet.cp().url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("phoenix_control_plane_experiments{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+
     // Promote: the candidate's processing becomes a's baseline, shipping to the same sink.
     let (status, body) = fleet
         .api(

@@ -47,7 +47,8 @@ fn the_demo_reaches_a_verdict_on_this_machines_processes_and_leaves_nothing_runn
         assert!(stdout.contains(criterion), "{criterion} missing:\n{stdout}");
     }
     assert!(
-        stdout.contains("ended succeeded") || stdout.contains("ended failed"),
+        stdout.contains("the candidate passed every criterion")
+            || stdout.contains("the candidate failed"),
         "{stdout}"
     );
     // The agent it started is gone, and so is its temporary directory.

@@ -370,9 +370,15 @@ async fn run(
         view["progress"]["verdict"].is_object(),
     ) {
         (Some(_), true) => {
-            println!(
-                "\nphoenix demo: experiment {id} ended {state}. To adopt the candidate for real: phoenixctl experiment promote {id}"
-            );
+            if state == "succeeded" {
+                println!(
+                    "\nphoenix demo: the candidate passed every criterion. On a fleet, `phoenixctl experiment promote ID` makes it the baseline through a waved rollout (docs/experiments.md)."
+                );
+            } else {
+                println!(
+                    "\nphoenix demo: the candidate {state}; the table above names each criterion it missed."
+                );
+            }
             Ok(())
         }
         _ => Err(anyhow!(

@@ -889,6 +889,21 @@ impl ControlPlane {
                 counter.load(Ordering::Relaxed)
             ));
         }
+        let mut experiments: BTreeMap<&str, u64> = crate::experiment::ExperimentState::ALL
+            .iter()
+            .map(|s| (s.as_str(), 0))
+            .collect();
+        if let Ok(all) = self.store.experiments() {
+            for e in all {
+                *experiments.entry(e.state.as_str()).or_default() += 1;
+            }
+        }
+        out.push_str("# HELP phoenix_control_plane_experiments Experiments in the store, by state.\n# TYPE phoenix_control_plane_experiments gauge\n");
+        for (state, count) in experiments {
+            out.push_str(&format!(
+                "phoenix_control_plane_experiments{{state=\"{state}\"}} {count}\n"
+            ));
+        }
         out.push_str("# HELP phoenix_control_plane_rollouts Rollouts in the store, by state.\n# TYPE phoenix_control_plane_rollouts gauge\n");
         for (state, count) in by_state {
             out.push_str(&format!(

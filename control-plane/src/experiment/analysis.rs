@@ -339,7 +339,13 @@ pub fn verdict(definition: &Definition, windows: &[Window], without: Option<Usag
     let mut criteria = Vec::new();
     let c = &definition.criteria;
     /// Name, threshold, candidate and baseline over the run, the value of one window.
-    type Reduction<'a> = (&'a str, Option<Percent>, f64, f64, &'a dyn Fn(&Window) -> f64);
+    type Reduction<'a> = (
+        &'a str,
+        Option<Percent>,
+        f64,
+        f64,
+        &'a dyn Fn(&Window) -> f64,
+    );
     let reductions: [Reduction; 3] = [
         (
             "min_series_reduction",

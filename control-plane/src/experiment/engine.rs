@@ -433,12 +433,19 @@ impl ControlPlane {
                     rollout.rollout.id,
                     progress.targets.join(", ")
                 );
-                self.end(
+                match self.end(
                     record.id,
                     ExperimentState::Deploying,
                     &reason,
                     Some(&progress),
-                )
+                ) {
+                    // Stopped while the rollout was being created: take the candidate away.
+                    Err(ServiceError::Store(StoreError::Conflict(_))) => {
+                        self.remove_candidate(record.id, &progress, "the experiment was cancelled");
+                        Ok(())
+                    }
+                    other => other,
+                }
             }
             Err(err) => self.end(
                 record.id,

@@ -156,6 +156,19 @@ pub fn render(view: &Value) -> String {
                 .map(|w| change(w, with))
                 .unwrap_or_else(|| "-".into()),
         ]);
+        let rss_without = f64_at(progress, &["without_candidate", "rss_bytes"]);
+        let rss_with = f64_at(last, &["rss_bytes"]).unwrap_or(0.0);
+        let mib = |b: f64| format!("{:.1} MiB", b / (1024.0 * 1024.0));
+        rows.push(vec![
+            "agent RSS".into(),
+            rss_without
+                .map(|w| format!("{} without", mib(w)))
+                .unwrap_or_else(|| "-".into()),
+            format!("{} with", mib(rss_with)),
+            rss_without
+                .map(|w| change(w, rss_with))
+                .unwrap_or_else(|| "-".into()),
+        ]);
         out.push_str(&table(&header, &rows));
     } else if state == "pending" {
         out.push_str("\nmeasuring the agents without the candidate...\n");
