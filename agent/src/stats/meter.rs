@@ -249,6 +249,8 @@ pub(super) struct Extra {
     conserved: Option<Conserved>,
     /// Where non-string attribute values are rendered for matching, reused.
     scratch: String,
+    /// Verdicts of the config on metric names seen, by name hash; cleared on a new config.
+    names: NameCache,
 }
 
 fn unix_nanos_now() -> u64 {
@@ -266,6 +268,7 @@ impl Extra {
             critical: None,
             conserved: None,
             scratch: String::new(),
+            names: HashMap::default(),
         };
         extra.reconfigure(config, true);
         extra
@@ -279,6 +282,7 @@ impl Extra {
     /// of the config is unchanged.
     pub(super) fn reconfigure(&mut self, config: Arc<MeterConfig>, fresh: bool) {
         let p = &self.pipeline;
+        self.names.clear();
         if fresh || config.raw.critical != self.config.raw.critical {
             self.critical = config.critical.as_ref().map(|_| CriticalCount {
                 tracker: SeriesTracker::new(EXACT_SERIES_LIMIT),
@@ -314,6 +318,7 @@ impl Extra {
             critical: self.critical.as_mut().map(|c| &mut c.tracker),
             conserved: self.conserved.as_mut(),
             scratch: &mut self.scratch,
+            names: &mut self.names,
             resource_critical: false,
             metric_critical: false,
             metric_conserved: None,
@@ -365,6 +370,25 @@ impl Extra {
     }
 }
 
+/// What the config says about one metric name.
+#[derive(Clone, Copy)]
+struct NameVerdict {
+    critical: bool,
+    conserved: Option<usize>,
+}
+
+/// A name's verdict, with the name to rule out a hash collision.
+struct CachedName {
+    name: Box<str>,
+    verdict: NameVerdict,
+}
+
+/// Metric names whose verdict is remembered: the same few names repeat under every resource,
+/// and matching globs and regexes costs more than the rest of a metric.
+const NAME_CACHE_LIMIT: usize = 4096;
+
+type NameCache = HashMap<u64, CachedName, IdentityBuild>;
+
 /// The series walk with the critical and conserved measurements on top.
 struct MeterWalk<'a> {
     state: &'a ahash::RandomState,
@@ -376,6 +400,7 @@ struct MeterWalk<'a> {
     critical: Option<&'a mut SeriesTracker>,
     conserved: Option<&'a mut Conserved>,
     scratch: &'a mut String,
+    names: &'a mut NameCache,
     resource_critical: bool,
     metric_critical: bool,
     /// The conserve list index of the current metric's name.
@@ -406,12 +431,31 @@ impl Visitor for MeterWalk<'_> {
 
     fn metric(&mut self, name: &str) {
         self.metric = self.state.hash_one(name);
-        self.metric_critical =
-            self.resource_critical && self.selector.is_some_and(|s| s.name_matches(name));
-        self.metric_conserved = self
-            .conserved
-            .as_ref()
-            .and_then(|c| c.index.get(name).copied());
+        let verdict = match self.names.get(&self.metric) {
+            Some(cached) if &*cached.name == name => cached.verdict,
+            _ => {
+                let verdict = NameVerdict {
+                    critical: self.selector.is_some_and(|s| s.name_matches(name)),
+                    conserved: self
+                        .conserved
+                        .as_ref()
+                        .and_then(|c| c.index.get(name).copied()),
+                };
+                if self.names.len() >= NAME_CACHE_LIMIT {
+                    self.names.clear();
+                }
+                self.names.insert(
+                    self.metric,
+                    CachedName {
+                        name: name.into(),
+                        verdict,
+                    },
+                );
+                verdict
+            }
+        };
+        self.metric_critical = self.resource_critical && verdict.critical;
+        self.metric_conserved = verdict.conserved;
     }
 
     fn data(&mut self, kind: DataKind) {
