@@ -15,7 +15,7 @@ use super::{point_series, resource_hash, IdentityBuild, SeriesTracker, EXACT_SER
 use crate::config::{join_path, Issue};
 use crate::otlp::rewrite::Attributes;
 use crate::otlp::wire::{
-    self, AttributeIter, DataKind, Visitor, TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA,
+    self, AttributeIter, DataKind, MetricData, Visitor, TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA,
 };
 use crate::processor::pattern::{all_match, present, Criteria, PatternText, RawAttributes};
 use crate::telemetry;
@@ -458,8 +458,13 @@ impl Visitor for MeterWalk<'_> {
         self.metric_conserved = verdict.conserved;
     }
 
-    fn data(&mut self, kind: DataKind) {
-        // Only monotonic sums are counters; an up-down counter's drops are not resets.
+    fn data(&mut self, data: MetricData<'_>) {
+        // Only monotonic sums are counters; an up-down counter's drops are not resets. The
+        // kind costs a look through the Sum's points: only conserved names need it.
+        let kind = match self.metric_conserved {
+            Some(_) => data.kind(),
+            None => DataKind::Empty,
+        };
         self.point_rule = match (self.metric_conserved, kind) {
             (
                 Some(index),
@@ -782,6 +787,30 @@ critical:
             1
         );
         assert_eq!(total(&mut meter, "http.server.requests"), 3.0);
+    }
+
+    #[test]
+    fn corrupted_requests_never_panic_the_meter() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4d45_5445);
+        let mut meter = meter(&format!(
+            "{CRITICAL}conserve: [process.metric.0, process.metric.1, g, s]\n"
+        ));
+        let seeds = [
+            crate::otlp::testdata::request(3, 2, 2).encode_to_vec(),
+            crate::otlp::testdata::all_types().encode_to_vec(),
+        ];
+        for round in 0..10_000 {
+            let mut bytes = seeds[round % seeds.len()].clone();
+            crate::otlp::testdata::corrupt(&mut bytes, &mut rng);
+            meter.observe(&bytes, 0);
+            if round % 1000 == 0 {
+                rotate(&mut meter);
+            }
+        }
+        for name in ["process.metric.0", "g", "s"] {
+            assert!(total(&mut meter, name) >= 0.0);
+        }
     }
 
     #[test]
