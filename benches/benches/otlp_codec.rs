@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use phoenix_agent::otlp::{wire, ExportMetricsServiceRequest};
+use phoenix_agent::stats::meter::{MeterConfig, RawMeterConfig};
 use phoenix_agent::stats::{self, VolumeMeter};
 use phoenix_bench::{encode, process_request};
 use prost::Message;
@@ -57,6 +58,12 @@ fn otlp_codec(c: &mut Criterion) {
     group.bench_function("volume_meter_observe", |b| {
         b.iter(|| warm.observe(black_box(&bytes), encoded.data_points))
     });
+    // The same, with a `meter` config: a critical selector and two conserved counters.
+    let mut metered = VolumeMeter::new("metered");
+    metered.set_config(Some(meter_config()));
+    group.bench_function("volume_meter_observe_with_meter", |b| {
+        b.iter(|| metered.observe(black_box(&bytes), encoded.data_points))
+    });
     // A meter seeing every series for the first time inserts them all.
     group.bench_function("volume_meter_observe_cold", |b| {
         b.iter_batched_ref(
@@ -66,6 +73,16 @@ fn otlp_codec(c: &mut Criterion) {
         )
     });
     group.finish();
+}
+
+fn meter_config() -> std::sync::Arc<MeterConfig> {
+    let raw: RawMeterConfig = serde_yaml::from_str(
+        "critical: { metric_names: [\"process.cpu.*\", \"regex:^process\\\\.memory\"], resource_attributes: { process.owner: [root, \"app*\"] }, attributes: { state: [user, system] } }\nconserve: [process.cpu.time, process.disk.io]",
+    )
+    .expect("meter config");
+    let mut issues = Vec::new();
+    let config = MeterConfig::compile(raw, "meter", &mut issues).expect("compiles");
+    std::sync::Arc::new(config)
 }
 
 criterion_group!(benches, otlp_codec);

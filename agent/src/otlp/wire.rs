@@ -175,7 +175,7 @@ pub trait Visitor {
     fn metric(&mut self, _name: &str) {}
     /// What the current metric holds, after [`Visitor::metric`] and before its points; only
     /// with [`Visitor::DETAIL`].
-    fn data(&mut self, _kind: DataKind) {}
+    fn data(&mut self, _data: MetricData<'_>) {}
     /// One data point of the current metric; `attributes` yields each encoded `KeyValue`.
     fn data_point(&mut self, _attributes: AttributeIter<'_>) {}
 }
@@ -357,7 +357,7 @@ fn walk_metric<V: Visitor>(bytes: &[u8], visitor: &mut V) -> Result<(), WireErro
     }
     visitor.metric(name);
     if V::DETAIL {
-        visitor.data(data_kind(data.as_ref()));
+        visitor.data(MetricData { field: data });
     }
     let Some(data) = data else { return Ok(()) };
     let attribute_field = attribute_field(data.number);
@@ -377,8 +377,20 @@ fn walk_metric<V: Visitor>(bytes: &[u8], visitor: &mut V) -> Result<(), WireErro
     Ok(())
 }
 
-/// The kind of a metric's data; a Sum's temporality and monotonicity are read wherever they
-/// sit among its points (prost writes them after the points), the last occurrence winning.
+/// The data field of a metric, read only when asked.
+#[derive(Clone, Copy)]
+pub struct MetricData<'a> {
+    field: Option<Field<'a>>,
+}
+
+impl MetricData<'_> {
+    /// The kind of the data; a Sum's temporality and monotonicity are read wherever they sit
+    /// among its points (prost writes them after the points), the last occurrence winning.
+    pub fn kind(&self) -> DataKind {
+        data_kind(self.field.as_ref())
+    }
+}
+
 fn data_kind(data: Option<&Field<'_>>) -> DataKind {
     let Some(data) = data else {
         return DataKind::Empty;

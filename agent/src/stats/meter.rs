@@ -15,7 +15,7 @@ use super::{point_series, resource_hash, IdentityBuild, SeriesTracker, EXACT_SER
 use crate::config::{join_path, Issue};
 use crate::otlp::rewrite::Attributes;
 use crate::otlp::wire::{
-    self, AttributeIter, DataKind, Visitor, TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA,
+    self, AttributeIter, DataKind, MetricData, Visitor, TEMPORALITY_CUMULATIVE, TEMPORALITY_DELTA,
 };
 use crate::processor::pattern::{all_match, present, Criteria, PatternText, RawAttributes};
 use crate::telemetry;
@@ -249,6 +249,8 @@ pub(super) struct Extra {
     conserved: Option<Conserved>,
     /// Where non-string attribute values are rendered for matching, reused.
     scratch: String,
+    /// Verdicts of the config on metric names seen, by name hash; cleared on a new config.
+    names: NameCache,
 }
 
 fn unix_nanos_now() -> u64 {
@@ -266,6 +268,7 @@ impl Extra {
             critical: None,
             conserved: None,
             scratch: String::new(),
+            names: HashMap::default(),
         };
         extra.reconfigure(config, true);
         extra
@@ -279,6 +282,7 @@ impl Extra {
     /// of the config is unchanged.
     pub(super) fn reconfigure(&mut self, config: Arc<MeterConfig>, fresh: bool) {
         let p = &self.pipeline;
+        self.names.clear();
         if fresh || config.raw.critical != self.config.raw.critical {
             self.critical = config.critical.as_ref().map(|_| CriticalCount {
                 tracker: SeriesTracker::new(EXACT_SERIES_LIMIT),
@@ -314,6 +318,7 @@ impl Extra {
             critical: self.critical.as_mut().map(|c| &mut c.tracker),
             conserved: self.conserved.as_mut(),
             scratch: &mut self.scratch,
+            names: &mut self.names,
             resource_critical: false,
             metric_critical: false,
             metric_conserved: None,
@@ -365,6 +370,25 @@ impl Extra {
     }
 }
 
+/// What the config says about one metric name.
+#[derive(Clone, Copy)]
+struct NameVerdict {
+    critical: bool,
+    conserved: Option<usize>,
+}
+
+/// A name's verdict, with the name to rule out a hash collision.
+struct CachedName {
+    name: Box<str>,
+    verdict: NameVerdict,
+}
+
+/// Metric names whose verdict is remembered: the same few names repeat under every resource,
+/// and matching globs and regexes costs more than the rest of a metric.
+const NAME_CACHE_LIMIT: usize = 4096;
+
+type NameCache = HashMap<u64, CachedName, IdentityBuild>;
+
 /// The series walk with the critical and conserved measurements on top.
 struct MeterWalk<'a> {
     state: &'a ahash::RandomState,
@@ -376,6 +400,7 @@ struct MeterWalk<'a> {
     critical: Option<&'a mut SeriesTracker>,
     conserved: Option<&'a mut Conserved>,
     scratch: &'a mut String,
+    names: &'a mut NameCache,
     resource_critical: bool,
     metric_critical: bool,
     /// The conserve list index of the current metric's name.
@@ -406,16 +431,40 @@ impl Visitor for MeterWalk<'_> {
 
     fn metric(&mut self, name: &str) {
         self.metric = self.state.hash_one(name);
-        self.metric_critical =
-            self.resource_critical && self.selector.is_some_and(|s| s.name_matches(name));
-        self.metric_conserved = self
-            .conserved
-            .as_ref()
-            .and_then(|c| c.index.get(name).copied());
+        let verdict = match self.names.get(&self.metric) {
+            Some(cached) if &*cached.name == name => cached.verdict,
+            _ => {
+                let verdict = NameVerdict {
+                    critical: self.selector.is_some_and(|s| s.name_matches(name)),
+                    conserved: self
+                        .conserved
+                        .as_ref()
+                        .and_then(|c| c.index.get(name).copied()),
+                };
+                if self.names.len() >= NAME_CACHE_LIMIT {
+                    self.names.clear();
+                }
+                self.names.insert(
+                    self.metric,
+                    CachedName {
+                        name: name.into(),
+                        verdict,
+                    },
+                );
+                verdict
+            }
+        };
+        self.metric_critical = self.resource_critical && verdict.critical;
+        self.metric_conserved = verdict.conserved;
     }
 
-    fn data(&mut self, kind: DataKind) {
-        // Only monotonic sums are counters; an up-down counter's drops are not resets.
+    fn data(&mut self, data: MetricData<'_>) {
+        // Only monotonic sums are counters; an up-down counter's drops are not resets. The
+        // kind costs a look through the Sum's points: only conserved names need it.
+        let kind = match self.metric_conserved {
+            Some(_) => data.kind(),
+            None => DataKind::Empty,
+        };
         self.point_rule = match (self.metric_conserved, kind) {
             (
                 Some(index),
@@ -738,6 +787,30 @@ critical:
             1
         );
         assert_eq!(total(&mut meter, "http.server.requests"), 3.0);
+    }
+
+    #[test]
+    fn corrupted_requests_never_panic_the_meter() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4d45_5445);
+        let mut meter = meter(&format!(
+            "{CRITICAL}conserve: [process.metric.0, process.metric.1, g, s]\n"
+        ));
+        let seeds = [
+            crate::otlp::testdata::request(3, 2, 2).encode_to_vec(),
+            crate::otlp::testdata::all_types().encode_to_vec(),
+        ];
+        for round in 0..10_000 {
+            let mut bytes = seeds[round % seeds.len()].clone();
+            crate::otlp::testdata::corrupt(&mut bytes, &mut rng);
+            meter.observe(&bytes, 0);
+            if round % 1000 == 0 {
+                rotate(&mut meter);
+            }
+        }
+        for name in ["process.metric.0", "g", "s"] {
+            assert!(total(&mut meter, name) >= 0.0);
+        }
     }
 
     #[test]
