@@ -534,7 +534,7 @@ pub fn openapi() -> Value {
         "info": {
             "title": "Phoenix control plane",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Fleet of agents, config rollouts and experiments. Roles: viewer (read), operator (read, write), admin (all). The same operations are served over gRPC as phoenix.v1.FleetService and phoenix.v1.RolloutService.",
+            "description": "Fleet of agents, config rollouts and experiments. Roles: viewer (read), operator (read, write), admin (all). Fleet and rollout operations are also served over gRPC as phoenix.v1.FleetService and phoenix.v1.RolloutService; experiments only here.",
         },
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },

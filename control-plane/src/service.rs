@@ -101,6 +101,9 @@ pub struct ControlPlane {
     started: Instant,
     notify: Notify,
     counters: Counters,
+    /// Whether the engine has looked for candidates left behind by finished experiments
+    /// since this process started.
+    experiments_swept: std::sync::atomic::AtomicBool,
 }
 
 /// An agent as the API shows it.
@@ -157,6 +160,7 @@ impl ControlPlane {
             started: Instant::now(),
             notify: Notify::new(),
             counters: Counters::default(),
+            experiments_swept: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -388,6 +392,14 @@ impl ControlPlane {
             .collect();
         nodes.sort();
         nodes
+    }
+
+    pub(crate) fn experiments_swept(&self) -> bool {
+        self.experiments_swept.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn mark_experiments_swept(&self) {
+        self.experiments_swept.store(true, Ordering::Relaxed);
     }
 
     /// Runs the engine now rather than at its next tick.
@@ -893,9 +905,9 @@ impl ControlPlane {
             .iter()
             .map(|s| (s.as_str(), 0))
             .collect();
-        if let Ok(all) = self.store.experiments() {
-            for e in all {
-                *experiments.entry(e.state.as_str()).or_default() += 1;
+        if let Ok(counts) = self.store.experiment_counts() {
+            for (state, count) in counts {
+                experiments.insert(state.as_str(), count);
             }
         }
         out.push_str("# HELP phoenix_control_plane_experiments Experiments in the store, by state.\n# TYPE phoenix_control_plane_experiments gauge\n");
@@ -916,10 +928,12 @@ impl ControlPlane {
 
 /// A volume report as JSON for the store and the API.
 pub fn report_json(report: &phoenix_proto::v1::VolumeReport) -> serde_json::Value {
+    // JSON has no NaN or infinity; a non-finite value would make the report unreadable.
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
     serde_json::json!({
         "unix_millis": report.unix_millis,
         "refused_datapoints": report.refused_datapoints,
-        "cpu_seconds": report.cpu_seconds,
+        "cpu_seconds": finite(report.cpu_seconds),
         "rss_bytes": report.rss_bytes,
         "pipelines": report.pipelines.iter().map(|p| serde_json::json!({
             "pipeline": p.pipeline,
@@ -930,7 +944,7 @@ pub fn report_json(report: &phoenix_proto::v1::VolumeReport) -> serde_json::Valu
             "dropped_datapoints": p.dropped_datapoints,
             "critical_series_window": p.critical_series_window,
             "critical_series_total": p.critical_series_total,
-            "conserved": p.conserved,
+            "conserved": p.conserved.iter().map(|(k, v)| (k.clone(), finite(*v))).collect::<BTreeMap<_, _>>(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -63,7 +63,7 @@ metric_defs! {
     PIPELINE_OUTPUT_CRITICAL_SERIES = "phoenix_pipeline_output_critical_series", Gauge, Count, ["pipeline", "window"],
         "Distinct critical series (matching meter.critical) leaving a pipeline: window=\"10s\" is the last complete 10 s window, window=\"total\" counts since start (or since meter.critical last changed). Only with a meter config.";
     PIPELINE_OUTPUT_CONSERVED = "phoenix_pipeline_output_conserved_total", Gauge, Count, ["pipeline", "metric"],
-        "Total increase of a counter listed in meter.conserve leaving a pipeline (monotonic sums only: delta points added, cumulative series by their increase). A gauge because it is fractional; it only goes up. Only with a meter config.";
+        "Total increase of a counter listed in meter.conserve leaving a pipeline (monotonic sums only: delta points added, cumulative series by their increase). A gauge because it is fractional; it only goes up while the name stays listed. Only with a meter config.";
     PIPELINE_OUTPUT_WINDOW_DATAPOINTS = "phoenix_pipeline_output_window_datapoints", Gauge, Count, ["pipeline"],
         "Data points a pipeline emitted in the last complete 10 s window.";
     PIPELINE_OUTPUT_WINDOW_BYTES = "phoenix_pipeline_output_window_bytes", Gauge, Bytes, ["pipeline"],

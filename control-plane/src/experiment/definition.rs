@@ -52,6 +52,8 @@ impl<'de> Deserialize<'de> for Percent {
 /// Two of the agents' 10 s meter windows: the first complete series count of a pipeline
 /// started (or a meter reconfigured) mid-window is the second one.
 pub const MIN_WARMUP: Duration = Duration::from_secs(20);
+/// Longer than any experiment needs, and short enough for millisecond arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn default_baseline_pipeline() -> String {
     "baseline".into()
@@ -240,6 +242,11 @@ impl Definition {
         }
         if self.duration.is_zero() {
             problem("duration", "must be longer than 0s");
+        } else if self.duration > MAX_DURATION {
+            problem("duration", "must be at most 30 days");
+        }
+        if self.warmup > MAX_DURATION {
+            problem("warmup", "must be at most 30 days");
         }
         if self.window < Duration::from_secs(1) {
             problem("window", "must be at least 1s");

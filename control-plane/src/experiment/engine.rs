@@ -171,6 +171,7 @@ impl ControlPlane {
                 definition.selector
             )));
         }
+        self.check_targets_free(id, &targets)?;
         let now = now_millis();
         let progress = Progress {
             started_by: who.name.clone(),
@@ -207,7 +208,6 @@ impl ControlPlane {
                 ExperimentState::Cancelled,
             )));
         }
-        let progress = progress_of(&record);
         self.store()
             .transition_experiment(
                 id,
@@ -217,6 +217,8 @@ impl ControlPlane {
                 None,
             )
             .map_err(conflict)?;
+        // Read after the change: the engine may have deployed the candidate since `record`.
+        let progress = progress_of(&self.experiment_record(id)?);
         self.remove_candidate(id, &progress, "the experiment was cancelled");
         self.audit(who, "experiment.stop", &id.to_string(), "");
         self.experiment(id)
@@ -264,15 +266,18 @@ impl ControlPlane {
             rollout.rollout.id,
             if everywhere { " to every agent" } else { "" }
         );
-        self.store()
-            .transition_experiment(
-                id,
-                ExperimentState::Promoted,
-                &who.name,
-                &reason,
-                Some(&json(&progress)?),
-            )
-            .map_err(conflict)?;
+        let promoted = self.store().transition_experiment(
+            id,
+            ExperimentState::Promoted,
+            &who.name,
+            &reason,
+            Some(&json(&progress)?),
+        );
+        if let Err(err) = promoted {
+            // Another promote or a rollback came first: this rollout belongs to nobody.
+            let _ = self.rollback(&acting_for(id, &who.name), rollout.rollout.id);
+            return Err(conflict(err));
+        }
         self.audit(who, "experiment.promote", &id.to_string(), &reason);
         self.experiment(id)
     }
@@ -295,11 +300,20 @@ impl ControlPlane {
         let progress = progress_of(&record);
         let reason = match progress.promotion_rollout_id {
             Some(rollout) if record.state == ExperimentState::Promoted => {
-                self.rollback(&acting_for(id, &who.name), rollout)?;
-                format!(
-                    "rolled back by {}: rollout {rollout} restores the previous baseline",
-                    who.name
-                )
+                let state = self.rollout(rollout)?.rollout.state;
+                if state.can_become(RolloutState::RollingBack) {
+                    self.rollback(&acting_for(id, &who.name), rollout)?;
+                    format!(
+                        "rolled back by {}: rollout {rollout} restores the previous baseline",
+                        who.name
+                    )
+                } else {
+                    format!(
+                        "recorded by {}: the promotion's rollout {rollout} is already {}",
+                        who.name,
+                        state.as_str()
+                    )
+                }
             }
             _ => format!("set aside by {}", who.name),
         };
@@ -312,8 +326,11 @@ impl ControlPlane {
 
     // ---- the engine ----
 
-    /// One pass over the live experiments.
+    /// One pass over the live experiments. An error in one is logged and the others go on.
     pub fn step_experiments(&self) -> Result<(), ServiceError> {
+        if !self.experiments_swept() {
+            self.sweep_finished_experiments()?;
+        }
         for record in self.store().live_experiments()? {
             let id = record.id;
             let definition = match Self::definition_of(&record) {
@@ -337,8 +354,52 @@ impl ControlPlane {
             };
             match result {
                 // Another actor (a stop) moved it first: nothing to do.
-                Err(ServiceError::Store(StoreError::Conflict(_))) => {}
-                other => other?,
+                Ok(()) | Err(ServiceError::Store(StoreError::Conflict(_))) => {}
+                Err(err) => tracing::error!(experiment = id, "experiment engine: {err}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// After a restart: a finished experiment whose candidate is still deployed (the control
+    /// plane stopped between the verdict and the removal) gets it removed.
+    fn sweep_finished_experiments(&self) -> Result<(), ServiceError> {
+        for record in self.store().experiments()? {
+            if !record.state.is_live() {
+                self.remove_candidate(record.id, &progress_of(&record), "the experiment had ended");
+            }
+        }
+        self.mark_experiments_swept();
+        Ok(())
+    }
+
+    /// Refuses targets that another live experiment measures, or that run a baseline offer
+    /// (an agent holds one offer: the candidate's would replace it for the experiment).
+    fn check_targets_free(&self, id: i64, targets: &[String]) -> Result<(), ServiceError> {
+        for other in self.store().live_experiments()? {
+            let other_targets = progress_of(&other).targets;
+            let busy: Vec<&str> = other_targets
+                .iter()
+                .filter(|n| targets.contains(n))
+                .map(String::as_str)
+                .collect();
+            if other.id != id && !busy.is_empty() {
+                return Err(ServiceError::Conflict(format!(
+                    "experiment {} is {} on {}",
+                    other.id,
+                    other.state.as_str(),
+                    busy.join(", ")
+                )));
+            }
+        }
+        for node in targets {
+            if let Some(config) = self.store().node_config(node)? {
+                if config.role == "baseline" {
+                    return Err(ServiceError::Conflict(format!(
+                        "{node} runs a baseline offer (rollout {}); an experiment's candidate would replace it while it runs, so promote or roll that back first",
+                        config.rollout_id
+                    )));
+                }
             }
         }
         Ok(())
@@ -352,14 +413,21 @@ impl ControlPlane {
         progress: Option<&Progress>,
     ) -> Result<(), ServiceError> {
         tracing::info!(experiment = id, state = state.as_str(), "{reason}");
-        let progress = progress.map(json).transpose()?;
+        let stored = progress.map(json).transpose()?;
         self.store()
-            .transition_experiment(id, state, ENGINE, reason, progress.as_ref())?;
+            .transition_experiment(id, state, ENGINE, reason, stored.as_ref())?;
+        if !state.is_live() {
+            let progress = match progress {
+                Some(p) => p.clone(),
+                None => progress_of(&self.experiment_record(id)?),
+            };
+            self.remove_candidate(id, &progress, "the experiment ended");
+        }
         Ok(())
     }
 
-    /// Each target's last report, trimmed to the pipelines the experiment compares (all of
-    /// them when `pipelines` is empty).
+    /// Each target's last report, trimmed to `pipelines` (none kept when it is empty: CPU
+    /// and memory only).
     fn samples(&self, targets: &[String], pipelines: &[&str]) -> BTreeMap<String, NodeSample> {
         let mut samples = BTreeMap::new();
         for node in targets {
@@ -386,7 +454,7 @@ impl ControlPlane {
         let mut progress = progress_of(record);
         let now = now_millis();
         let since = progress.pending_since.unwrap_or(now);
-        let window = d.window.as_millis() as Millis;
+        let window = d.window.as_millis().min(i64::MAX as u128) as Millis;
         if now < since + window {
             return Ok(());
         }
@@ -475,10 +543,11 @@ impl ControlPlane {
             RolloutState::Running => Ok(()),
             RolloutState::Succeeded => {
                 let now = now_millis();
-                let from = now + d.warmup.as_millis() as Millis;
+                let from = now + d.warmup.as_millis().min(i64::MAX as u128) as Millis;
                 progress.running_since = Some(now);
                 progress.measure_from = Some(from);
-                progress.measure_until = Some(from + d.duration.as_millis() as Millis);
+                progress.measure_until =
+                    Some(from + d.duration.as_millis().min(i64::MAX as u128) as Millis);
                 progress.next_window_at = Some(from);
                 let reason = format!(
                     "the candidate runs on {}; windows count after the {} warm-up",
@@ -522,6 +591,16 @@ impl ControlPlane {
                 return self.end(record.id, ExperimentState::Failed, &reason, Some(&progress));
             }
         }
+        if let Some(rollout_id) = progress.rollout_id {
+            for node in &progress.targets {
+                let owner = self.store().node_config(node)?.map(|c| c.rollout_id);
+                if owner != Some(rollout_id) {
+                    let by = owner.map_or("its local file".to_string(), |r| format!("rollout {r}"));
+                    let reason = format!("the candidate on {node} was replaced by {by}");
+                    return self.end(record.id, ExperimentState::Failed, &reason, Some(&progress));
+                }
+            }
+        }
         let now = now_millis();
         let (Some(next), Some(until)) = (progress.next_window_at, progress.measure_until) else {
             return self.end(
@@ -537,7 +616,7 @@ impl ControlPlane {
         let candidate = Definition::candidate_pipeline(record.id);
         let pipelines = [d.baseline.pipeline.as_str(), candidate.as_str()];
         let current = self.samples(&progress.targets, &pipelines);
-        let window_ms = d.window.as_millis() as Millis;
+        let window_ms = d.window.as_millis().min(i64::MAX as u128) as Millis;
         let mut following = next + window_ms;
         while following <= now {
             following += window_ms;
@@ -600,7 +679,7 @@ impl ControlPlane {
             .into_iter()
             .filter_map(|w| serde_json::from_value(w).ok())
             .collect();
-        let verdict = analysis::verdict(d, &windows, progress.without_candidate);
+        let verdict = analysis::verdict(d, &windows, progress.without_candidate.clone());
         let (state, reason) = if verdict.passed {
             (
                 ExperimentState::Succeeded,
@@ -633,9 +712,7 @@ impl ControlPlane {
             )
         };
         progress.verdict = Some(verdict);
-        self.end(record.id, state, &reason, Some(&progress))?;
-        self.remove_candidate(record.id, &progress, "the experiment finished");
-        Ok(())
+        self.end(record.id, state, &reason, Some(&progress))
     }
 
     /// Rolls the candidate's rollout back, so the targets run their baseline alone again.

@@ -88,7 +88,8 @@ impl ExperimentState {
                 | (Deploying, Running)
                 | (Running, Analyzing)
                 | (Analyzing, Succeeded | Failed)
-                // A deployment that fails, or targets that vanish, end the experiment early.
+                // A deployment that fails, targets that never report, or a candidate replaced
+                // on a target end the experiment early.
                 | (Pending | Deploying | Running, Failed)
                 | (Pending | Deploying | Running | Analyzing, Cancelled)
                 | (Succeeded, Promoted)

@@ -252,5 +252,8 @@ pub fn experiments_states_events_windows(store: &dyn Store) {
     assert_eq!(events[2].reason, "stopped by bob");
     assert!(store.live_experiments().unwrap().is_empty());
     assert_eq!(store.experiments().unwrap().len(), 1);
+    // A transition without progress keeps the stored one.
+    assert_eq!(store.experiment(id).unwrap().unwrap().progress, after);
+    assert_eq!(store.experiment_counts().unwrap(), vec![(Cancelled, 1)]);
     assert!(store.experiment(id + 100).unwrap().is_none());
 }

@@ -189,6 +189,16 @@ pub struct ExperimentEvent {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// The states the engine drives, as an SQL list: `'pending', 'deploying', ...`.
+pub fn live_experiment_states_sql() -> String {
+    ExperimentState::ALL
+        .iter()
+        .filter(|s| s.is_live())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The conflict error of a refused experiment transition.
 pub fn experiment_conflict(id: i64, from: ExperimentState, to: ExperimentState) -> StoreError {
     let next = from.next_states();
@@ -265,6 +275,8 @@ pub trait Store: Send + Sync {
     fn experiment(&self, id: i64) -> Result<Option<ExperimentRecord>>;
     /// Experiments the engine drives (pending, deploying, running, analyzing), oldest first.
     fn live_experiments(&self) -> Result<Vec<ExperimentRecord>>;
+    /// How many experiments are in each state (states with none are left out).
+    fn experiment_counts(&self) -> Result<Vec<(ExperimentState, u64)>>;
     /// Moves an experiment to `to` if the transition is valid (else `Conflict` with the
     /// reason), records the event, and replaces the progress when one is given.
     fn transition_experiment(

@@ -779,13 +779,32 @@ impl Store for PostgresStore {
     }
 
     fn live_experiments(&self) -> Result<Vec<ExperimentRecord>> {
-        self.call(|c| {
+        let live = super::live_experiment_states_sql();
+        self.call(move |c| {
             c.query(
-                &format!("SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE state IN ('pending', 'deploying', 'running', 'analyzing') ORDER BY id"),
+                &format!("SELECT {EXPERIMENT_COLUMNS} FROM experiments WHERE state IN ({live}) ORDER BY id"),
                 &[],
             )?
             .iter()
             .map(experiment_of)
+            .collect()
+        })
+    }
+
+    fn experiment_counts(&self) -> Result<Vec<(ExperimentState, u64)>> {
+        self.call(|c| {
+            c.query(
+                "SELECT state, COUNT(*) FROM experiments GROUP BY state",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
+                let state: String = r.get(0);
+                let count: i64 = r.get(1);
+                let state = ExperimentState::parse(&state)
+                    .ok_or_else(|| corrupt("experiment state", &state))?;
+                Ok((state, count.max(0) as u64))
+            })
             .collect()
         })
     }

@@ -264,17 +264,16 @@ fn event(conn: &Connection, rollout_id: i64, kind: &str, message: &str, at: Mill
     Ok(())
 }
 
-/// States the engine drives, as a WHERE clause.
-const LIVE_EXPERIMENTS: &str = "state IN ('pending', 'deploying', 'running', 'analyzing')";
-
 impl SqliteStore {
-    fn query_experiments(&self, filter: &str) -> Result<Vec<ExperimentRecord>> {
+    /// Experiments matching `filter` (an SQL condition with at most one parameter, `param`).
+    fn query_experiments(&self, filter: &str, param: Option<i64>) -> Result<Vec<ExperimentRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT id, name, state, document, progress, created_by, created_at, updated_at
              FROM experiments WHERE {filter} ORDER BY id"
         ))?;
-        let rows = stmt.query_map([], |r| {
+        let params: Vec<i64> = param.into_iter().collect();
+        let rows = stmt.query_map(rusqlite::params_from_iter(params), |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
@@ -713,18 +712,32 @@ impl Store for SqliteStore {
     }
 
     fn experiments(&self) -> Result<Vec<ExperimentRecord>> {
-        self.query_experiments("1 = 1")
+        self.query_experiments("1 = 1", None)
     }
 
     fn experiment(&self, id: i64) -> Result<Option<ExperimentRecord>> {
         Ok(self
-            .query_experiments(&format!("id = {id}"))?
+            .query_experiments("id = ?1", Some(id))?
             .into_iter()
             .next())
     }
 
     fn live_experiments(&self) -> Result<Vec<ExperimentRecord>> {
-        self.query_experiments(LIVE_EXPERIMENTS)
+        let live = super::live_experiment_states_sql();
+        self.query_experiments(&format!("state IN ({live})"), None)
+    }
+
+    fn experiment_counts(&self) -> Result<Vec<(ExperimentState, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT state, COUNT(*) FROM experiments GROUP BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        rows.map(|row| {
+            let (state, count) = row?;
+            let state = ExperimentState::parse(&state)
+                .ok_or_else(|| corrupt("experiment state", &state))?;
+            Ok((state, count.max(0) as u64))
+        })
+        .collect()
     }
 
     fn transition_experiment(
