@@ -736,3 +736,173 @@ impl ControlPlane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use phoenix_proto::v1::{
+        agent_message, server_message, AgentHello, AgentMessage, ConfigState, ConfigStatus,
+        ServerMessage, VolumeReport,
+    };
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::service::Settings;
+    use crate::store::sqlite::SqliteStore;
+
+    const DEFINITION: &str = r#"
+name: t
+selector: role=web
+candidate: { pipeline: { receivers: [otlp] } }
+warmup: 20s
+duration: 1s
+window: 1s
+"#;
+
+    struct Agent {
+        node: String,
+        session: u64,
+        rx: mpsc::Receiver<Result<ServerMessage, tonic::Status>>,
+    }
+
+    impl Agent {
+        fn connect(cp: &ControlPlane, node: &str, role: &str) -> Agent {
+            let (tx, rx) = mpsc::channel(16);
+            let hello = AgentHello {
+                node: node.into(),
+                labels: [("role".to_string(), role.to_string())].into(),
+                ..Default::default()
+            };
+            let session = cp.agent_connected(&hello, tx).unwrap();
+            Agent {
+                node: node.into(),
+                session,
+                rx,
+            }
+        }
+
+        fn send(&self, cp: &ControlPlane, body: agent_message::Body) {
+            cp.agent_message(&self.node, self.session, AgentMessage { body: Some(body) });
+        }
+
+        fn report(&self, cp: &ControlPlane, cpu_seconds: f64) {
+            let report = VolumeReport {
+                cpu_seconds,
+                unix_millis: now_millis(),
+                ..Default::default()
+            };
+            self.send(cp, agent_message::Body::Report(report));
+        }
+
+        /// Acks APPLIED whatever was offered; returns the offers' roles.
+        fn apply_offers(&mut self, cp: &ControlPlane) -> Vec<i32> {
+            let mut roles = Vec::new();
+            while let Ok(Ok(ServerMessage {
+                body: Some(server_message::Body::Offer(offer)),
+            })) = self.rx.try_recv()
+            {
+                roles.push(offer.role);
+                let status = ConfigStatus {
+                    offer_hash: offer.hash,
+                    state: ConfigState::Applied as i32,
+                    ..Default::default()
+                };
+                self.send(cp, agent_message::Body::Status(status));
+            }
+            roles
+        }
+    }
+
+    fn setup() -> (Arc<ControlPlane>, Principal) {
+        let store = Arc::new(SqliteStore::in_memory().unwrap());
+        let who = Principal {
+            name: "alice".into(),
+            role: Role::Operator,
+        };
+        (ControlPlane::new(store, Settings::default()), who)
+    }
+
+    /// Starts an experiment on `a` and drives it until its candidate is deployed.
+    fn deployed(cp: &ControlPlane, who: &Principal, a: &mut Agent) -> i64 {
+        a.report(cp, 1.0);
+        let id = cp.create_experiment(who, DEFINITION).unwrap().id;
+        cp.start_experiment(who, id).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        a.report(cp, 1.5);
+        cp.step_experiments().unwrap();
+        assert_eq!(cp.experiment(id).unwrap().state, ExperimentState::Deploying);
+        cp.step().unwrap();
+        assert_eq!(
+            a.apply_offers(cp),
+            vec![phoenix_proto::v1::OfferRole::Candidate as i32]
+        );
+        cp.step().unwrap();
+        cp.step().unwrap();
+        cp.step_experiments().unwrap();
+        assert_eq!(cp.experiment(id).unwrap().state, ExperimentState::Running);
+        id
+    }
+
+    #[test]
+    fn stopping_a_running_experiment_removes_its_candidate() {
+        let (cp, who) = setup();
+        let mut a = Agent::connect(&cp, "a", "web");
+        let id = deployed(&cp, &who, &mut a);
+        let rollout = cp.experiment(id).unwrap().progress.rollout_id.unwrap();
+        let stopped = cp.stop_experiment(&who, id).unwrap();
+        assert_eq!(stopped.state, ExperimentState::Cancelled);
+        assert_eq!(
+            cp.rollout(rollout).unwrap().rollout.state,
+            RolloutState::RollingBack
+        );
+        assert_eq!(
+            a.apply_offers(&cp),
+            vec![phoenix_proto::v1::OfferRole::Clear as i32]
+        );
+        // Ended: a second stop, a start or a promote is refused with the reason.
+        for result in [
+            cp.stop_experiment(&who, id),
+            cp.start_experiment(&who, id),
+            cp.promote_experiment(&who, id, false),
+        ] {
+            assert!(
+                matches!(&result, Err(ServiceError::Conflict(m)) if m.contains("is cancelled")),
+                "{result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_candidate_replaced_by_a_later_rollout_fails_the_experiment_and_targets_are_exclusive() {
+        let (cp, who) = setup();
+        let mut a = Agent::connect(&cp, "a", "web");
+        let id = deployed(&cp, &who, &mut a);
+        // A second experiment on the same node is refused while the first runs.
+        let second = cp.create_experiment(&who, DEFINITION).unwrap().id;
+        let refused = cp.start_experiment(&who, second);
+        assert!(
+            matches!(&refused, Err(ServiceError::Conflict(m)) if m.contains(&format!("experiment {id} is running on a"))),
+            "{refused:?}"
+        );
+        // Another rollout replaces the candidate's offer on a: measuring it would compare
+        // the baseline with nothing.
+        let request = CreateRollout {
+            selector: "role=web".into(),
+            document: "exporters: { debug/x: {} }\npipelines: { x: { receivers: [otlp], exporters: [debug/x] } }\n".into(),
+            role: "candidate".into(),
+            max_unavailable: 1,
+            wave_delay_ms: 0,
+        };
+        cp.create_rollout(&who, request).unwrap();
+        cp.step().unwrap();
+        cp.step_experiments().unwrap();
+        let failed = cp.experiment(id).unwrap();
+        assert_eq!(failed.state, ExperimentState::Failed);
+        let reason = &failed.events.last().unwrap().reason;
+        assert!(
+            reason.contains("the candidate on a was replaced by rollout"),
+            "{reason}"
+        );
+    }
+}
