@@ -74,6 +74,19 @@ fn conflict(err: StoreError) -> ServiceError {
     }
 }
 
+/// Refuses a transition the experiment's state does not allow, with the reason (409).
+fn may_become(record: &ExperimentRecord, next: ExperimentState) -> Result<(), ServiceError> {
+    if record.state.can_become(next) {
+        Ok(())
+    } else {
+        Err(conflict(crate::store::experiment_conflict(
+            record.id,
+            record.state,
+            next,
+        )))
+    }
+}
+
 /// The principal the engine acts as for an experiment's rollouts.
 fn acting_for(id: i64, who: &str) -> Principal {
     Principal {
@@ -155,13 +168,7 @@ impl ControlPlane {
     ) -> Result<ExperimentView, ServiceError> {
         let record = self.experiment_record(id)?;
         let definition = Self::definition_of(&record)?;
-        if !record.state.can_become(ExperimentState::Pending) {
-            return Err(conflict(crate::store::experiment_conflict(
-                id,
-                record.state,
-                ExperimentState::Pending,
-            )));
-        }
+        may_become(&record, ExperimentState::Pending)?;
         let selector = Selector::parse(&definition.selector)
             .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
         let targets = self.connected_matching(&selector);
@@ -201,13 +208,7 @@ impl ControlPlane {
         id: i64,
     ) -> Result<ExperimentView, ServiceError> {
         let record = self.experiment_record(id)?;
-        if !record.state.can_become(ExperimentState::Cancelled) {
-            return Err(conflict(crate::store::experiment_conflict(
-                id,
-                record.state,
-                ExperimentState::Cancelled,
-            )));
-        }
+        may_become(&record, ExperimentState::Cancelled)?;
         self.store()
             .transition_experiment(
                 id,
@@ -234,13 +235,7 @@ impl ControlPlane {
     ) -> Result<ExperimentView, ServiceError> {
         let record = self.experiment_record(id)?;
         let definition = Self::definition_of(&record)?;
-        if !record.state.can_become(ExperimentState::Promoted) {
-            return Err(conflict(crate::store::experiment_conflict(
-                id,
-                record.state,
-                ExperimentState::Promoted,
-            )));
-        }
+        may_become(&record, ExperimentState::Promoted)?;
         let document = definition
             .promotion_offer()
             .map_err(|e| ServiceError::Conflict(format!("cannot promote: {e}")))?;
@@ -290,13 +285,7 @@ impl ControlPlane {
         id: i64,
     ) -> Result<ExperimentView, ServiceError> {
         let record = self.experiment_record(id)?;
-        if !record.state.can_become(ExperimentState::RolledBack) {
-            return Err(conflict(crate::store::experiment_conflict(
-                id,
-                record.state,
-                ExperimentState::RolledBack,
-            )));
-        }
+        may_become(&record, ExperimentState::RolledBack)?;
         let progress = progress_of(&record);
         let reason = match progress.promotion_rollout_id {
             Some(rollout) if record.state == ExperimentState::Promoted => {
