@@ -65,3 +65,53 @@ fn the_demo_reaches_a_verdict_on_this_machines_processes_and_leaves_nothing_runn
         "a process of the demo still runs:\n{running}"
     );
 }
+
+#[test]
+fn ctrl_c_stops_the_demo_and_everything_it_started() {
+    use std::io::{BufRead, BufReader};
+    let agent = support::agent_bin();
+    let mut demo = Command::new(PHOENIX)
+        .args(["demo", "--duration", "10m"])
+        .arg("--agent-bin")
+        .arg(&agent)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run phoenix demo");
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut dir = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(d) = line.split("(SQLite in ").nth(1) {
+            dir = Some(d.trim_end_matches(')').to_string());
+        }
+        if line.contains("experiment 1 started") {
+            break;
+        }
+    }
+    let dir = dir.expect("the demo names its directory");
+    let ps = || {
+        String::from_utf8_lossy(
+            &Command::new("ps")
+                .args(["-eo", "args"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string()
+    };
+    assert!(ps().contains(&dir), "the agent runs while the demo does");
+    let status = Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = demo.wait().unwrap();
+    assert!(exited.success(), "{exited}");
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left behind");
+    assert!(
+        !ps().contains(&dir),
+        "a process of the demo still runs:\n{}",
+        ps()
+    );
+}
