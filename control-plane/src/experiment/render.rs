@@ -34,14 +34,16 @@ pub fn grouped(value: f64) -> String {
 
 fn change(baseline: f64, candidate: f64) -> String {
     if baseline > 0.0 {
-        format!("{:+.1}%", (candidate / baseline - 1.0) * 100.0)
+        let percent = ((candidate / baseline - 1.0) * 1000.0).round() / 10.0 + 0.0;
+        format!("{percent:+.1}%")
     } else {
         "-".into()
     }
 }
 
 fn pct(fraction: f64) -> String {
-    format!("{:.1}%", fraction * 100.0)
+    // `+ 0.0` turns a negative zero (a rounding remainder) into "0.0%", not "-0.0%".
+    format!("{:.1}%", (fraction * 1000.0).round() / 10.0 + 0.0)
 }
 
 /// Rows of baseline vs candidate for one KPI pair (a window, or the totals).
@@ -250,6 +252,9 @@ mod tests {
         assert_eq!(grouped(12.0), "12");
         assert_eq!(change(200.0, 50.0), "-75.0%");
         assert_eq!(change(0.0, 50.0), "-");
+        assert_eq!(pct(-0.000_01), "0.0%");
+        assert_eq!(change(100.0, 99.999), "+0.0%");
+        assert_eq!(pct(0.9549), "95.5%");
     }
 
     #[test]
