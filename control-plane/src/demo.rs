@@ -184,11 +184,13 @@ struct Children(Vec<Child>);
 impl Children {
     async fn stop(&mut self) {
         for child in &mut self.0 {
-            if let Some(pid) = child.id() {
-                // SIGTERM first: the agent flushes and exits by itself.
-                let _ = std::process::Command::new("kill")
-                    .arg(pid.to_string())
-                    .status();
+            // SIGTERM first: the agent flushes and exits by itself.
+            let pid = child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .and_then(rustix::process::Pid::from_raw);
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
         }
         for child in &mut self.0 {

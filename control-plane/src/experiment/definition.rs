@@ -299,15 +299,13 @@ impl Definition {
                 problem(field, "must be a price of 0 or more");
             }
         }
-        // The offers are checked as the agents will check them (components, meter).
-        let sections = [
-            ("candidate", self.candidate_offer(0)),
-            ("baseline", self.promotion_offer()),
-        ];
-        for (what, offer) in sections {
-            if what == "baseline" && self.baseline.exporters.is_empty() {
-                continue;
-            }
+        // The offers are checked as the agents will check them (components, meter); the
+        // promotion's only when it is possible (promote says why it is not).
+        let mut offers = vec![("candidate", self.candidate_offer(0))];
+        if !self.baseline.exporters.is_empty() {
+            offers.push(("baseline", self.promotion_offer()));
+        }
+        for (what, offer) in offers {
             match offer {
                 Ok(document) => {
                     for issue in phoenix_agent::control::check_document(&document) {

@@ -289,7 +289,7 @@ impl ControlPlane {
         let progress = progress_of(&record);
         let reason = match progress.promotion_rollout_id {
             Some(rollout) if record.state == ExperimentState::Promoted => {
-                let state = self.rollout(rollout)?.rollout.state;
+                let state = self.rollout_record(rollout)?.state;
                 if state.can_become(RolloutState::RollingBack) {
                     self.rollback(&acting_for(id, &who.name), rollout)?;
                     format!(
@@ -527,7 +527,7 @@ impl ControlPlane {
                 None,
             );
         };
-        let rollout = self.rollout(rollout_id)?.rollout;
+        let rollout = self.rollout_record(rollout_id)?;
         match rollout.state {
             RolloutState::Running => Ok(()),
             RolloutState::Succeeded => {
@@ -569,26 +569,8 @@ impl ControlPlane {
         d: &Definition,
     ) -> Result<(), ServiceError> {
         let mut progress = progress_of(record);
-        if let Some(rollout_id) = progress.rollout_id {
-            let rollout = self.rollout(rollout_id)?.rollout;
-            if rollout.state != RolloutState::Succeeded {
-                let reason = format!(
-                    "the candidate was removed: rollout {rollout_id} is {} ({})",
-                    rollout.state.as_str(),
-                    rollout.reason
-                );
-                return self.end(record.id, ExperimentState::Failed, &reason, Some(&progress));
-            }
-        }
-        if let Some(rollout_id) = progress.rollout_id {
-            for node in &progress.targets {
-                let owner = self.store().node_config(node)?.map(|c| c.rollout_id);
-                if owner != Some(rollout_id) {
-                    let by = owner.map_or("its local file".to_string(), |r| format!("rollout {r}"));
-                    let reason = format!("the candidate on {node} was replaced by {by}");
-                    return self.end(record.id, ExperimentState::Failed, &reason, Some(&progress));
-                }
-            }
+        if let Some(reason) = self.candidate_gone(&progress)? {
+            return self.end(record.id, ExperimentState::Failed, &reason, Some(&progress));
         }
         let now = now_millis();
         let (Some(next), Some(until)) = (progress.next_window_at, progress.measure_until) else {
@@ -654,6 +636,40 @@ impl ControlPlane {
             );
         }
         Ok(())
+    }
+
+    /// A rollout's own row: the engine's checks need neither its deployments nor events.
+    fn rollout_record(&self, id: i64) -> Result<crate::store::RolloutRecord, ServiceError> {
+        self.store()
+            .rollout(id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("rollout {id}")))
+    }
+
+    /// Why the candidate no longer runs on every target, if it does not: its rollout was
+    /// rolled back, or a later rollout replaced it on a node. Checked every tick from the
+    /// stored rollout and node rows (no deployments or events are read).
+    fn candidate_gone(&self, progress: &Progress) -> Result<Option<String>, ServiceError> {
+        let Some(rollout_id) = progress.rollout_id else {
+            return Ok(None);
+        };
+        let rollout = self.rollout_record(rollout_id)?;
+        if rollout.state != RolloutState::Succeeded {
+            return Ok(Some(format!(
+                "the candidate was removed: rollout {rollout_id} is {} ({})",
+                rollout.state.as_str(),
+                rollout.reason
+            )));
+        }
+        for node in &progress.targets {
+            let owner = self.store().node_config(node)?.map(|c| c.rollout_id);
+            if owner != Some(rollout_id) {
+                let by = owner.map_or("its local file".to_string(), |r| format!("rollout {r}"));
+                return Ok(Some(format!(
+                    "the candidate on {node} was replaced by {by}"
+                )));
+            }
+        }
+        Ok(None)
     }
 
     fn step_experiment_analyzing(

@@ -189,6 +189,38 @@ pub struct ExperimentEvent {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Stored text that does not parse back into what it was written from.
+pub(crate) fn corrupt(what: &str, value: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what} {value:?}"))
+}
+
+/// One row of `SELECT state, COUNT(*) ... GROUP BY state`.
+pub(crate) fn state_count<S>(
+    parse: impl Fn(&str) -> Option<S>,
+    what: &str,
+    state: &str,
+    count: i64,
+) -> Result<(S, u64)> {
+    let state = parse(state).ok_or_else(|| corrupt(what, state))?;
+    Ok((state, count.max(0) as u64))
+}
+
+/// Checks, inside the transaction that read `current`, that experiment `id` may become
+/// `to`; returns the state it leaves.
+pub(crate) fn experiment_transition(
+    id: i64,
+    current: &str,
+    to: ExperimentState,
+) -> Result<ExperimentState> {
+    let from =
+        ExperimentState::parse(current).ok_or_else(|| corrupt("experiment state", current))?;
+    if from.can_become(to) {
+        Ok(from)
+    } else {
+        Err(experiment_conflict(id, from, to))
+    }
+}
+
 /// The states the engine drives, as an SQL list: `'pending', 'deploying', ...`.
 pub fn live_experiment_states_sql() -> String {
     ExperimentState::ALL

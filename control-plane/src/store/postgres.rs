@@ -12,9 +12,9 @@ use std::sync::mpsc;
 use postgres::{Client, NoTls, Row};
 
 use super::{
-    now_millis, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord, ExperimentEvent,
-    ExperimentRecord, Millis, NewDeployment, NewRollout, NodeConfig, Result, RolloutEvent,
-    RolloutRecord, Store, StoreError, TokenRecord,
+    corrupt, now_millis, state_count, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord,
+    ExperimentEvent, ExperimentRecord, Millis, NewDeployment, NewRollout, NodeConfig, Result,
+    RolloutEvent, RolloutRecord, Store, StoreError, TokenRecord,
 };
 use crate::auth::Role;
 use crate::experiment::ExperimentState;
@@ -132,10 +132,6 @@ type Job = Box<dyn FnOnce(&mut Option<Client>) + Send>;
 
 pub struct PostgresStore {
     jobs: mpsc::Sender<Job>,
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what} {value:?}"))
 }
 
 impl PostgresStore {
@@ -498,13 +494,7 @@ impl Store for PostgresStore {
         self.call(|c| {
             c.query("SELECT state, COUNT(*) FROM rollouts GROUP BY state", &[])?
                 .iter()
-                .map(|r| {
-                    let state: String = r.get(0);
-                    let count: i64 = r.get(1);
-                    let state = RolloutState::parse(&state)
-                        .ok_or_else(|| corrupt("rollout state", &state))?;
-                    Ok((state, count.max(0) as u64))
-                })
+                .map(|r| state_count(RolloutState::parse, "rollout state", r.get(0), r.get(1)))
                 .collect()
         })
     }
@@ -799,11 +789,12 @@ impl Store for PostgresStore {
             )?
             .iter()
             .map(|r| {
-                let state: String = r.get(0);
-                let count: i64 = r.get(1);
-                let state = ExperimentState::parse(&state)
-                    .ok_or_else(|| corrupt("experiment state", &state))?;
-                Ok((state, count.max(0) as u64))
+                state_count(
+                    ExperimentState::parse,
+                    "experiment state",
+                    r.get(0),
+                    r.get(1),
+                )
             })
             .collect()
         })
@@ -824,11 +815,7 @@ impl Store for PostgresStore {
             let current: String = tx
                 .query_one("SELECT state FROM experiments WHERE id = $1 FOR UPDATE", &[&id])?
                 .get(0);
-            let from = ExperimentState::parse(&current)
-                .ok_or_else(|| corrupt("experiment state", &current))?;
-            if !from.can_become(to) {
-                return Err(super::experiment_conflict(id, from, to));
-            }
+            let from = super::experiment_transition(id, &current, to)?;
             let now = now_millis();
             tx.execute(
                 "UPDATE experiments SET state = $2, updated_at = $3, progress = COALESCE($4, progress) WHERE id = $1",

@@ -7,9 +7,9 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    now_millis, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord, ExperimentEvent,
-    ExperimentRecord, Millis, NewDeployment, NewRollout, NodeConfig, Result, RolloutEvent,
-    RolloutRecord, Store, StoreError, TokenRecord,
+    corrupt, now_millis, state_count, AgentRecord, AuditEntry, ConfigVersion, DeploymentRecord,
+    ExperimentEvent, ExperimentRecord, Millis, NewDeployment, NewRollout, NodeConfig, Result,
+    RolloutEvent, RolloutRecord, Store, StoreError, TokenRecord,
 };
 use crate::auth::Role;
 use crate::experiment::ExperimentState;
@@ -184,10 +184,6 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
         tracing::info!(version = index + 1, "store schema migrated");
     }
     Ok(())
-}
-
-fn corrupt(what: &str, value: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what} {value:?}"))
 }
 
 fn agent_from_row(
@@ -478,9 +474,7 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         rows.map(|r| {
             let (state, count) = r?;
-            let state =
-                RolloutState::parse(&state).ok_or_else(|| corrupt("rollout state", &state))?;
-            Ok((state, count.max(0) as u64))
+            state_count(RolloutState::parse, "rollout state", &state, count)
         })
         .collect()
     }
@@ -733,9 +727,7 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         rows.map(|row| {
             let (state, count) = row?;
-            let state = ExperimentState::parse(&state)
-                .ok_or_else(|| corrupt("experiment state", &state))?;
-            Ok((state, count.max(0) as u64))
+            state_count(ExperimentState::parse, "experiment state", &state, count)
         })
         .collect()
     }
@@ -754,11 +746,7 @@ impl Store for SqliteStore {
             tx.query_row("SELECT state FROM experiments WHERE id = ?1", [id], |r| {
                 r.get(0)
             })?;
-        let from = ExperimentState::parse(&current)
-            .ok_or_else(|| corrupt("experiment state", &current))?;
-        if !from.can_become(to) {
-            return Err(super::experiment_conflict(id, from, to));
-        }
+        let from = super::experiment_transition(id, &current, to)?;
         let now = now_millis();
         tx.execute(
             "UPDATE experiments SET state = ?2, updated_at = ?3 WHERE id = ?1",
