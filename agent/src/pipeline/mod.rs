@@ -239,12 +239,21 @@ impl Pipelines {
 
         let mut routes: HashMap<String, Route> = HashMap::new();
         for (name, spec) in &config.pipelines {
-            let needs_decoded = spec.processors.iter().any(|p| {
-                config
-                    .processors
-                    .iter()
-                    .any(|(id, c)| id.as_str() == p && c.config.reads_decoded())
-            });
+            // Up to the first processor that passes on payloads of its own making: the ones
+            // after it never read the received request.
+            let mut needs_decoded = false;
+            for p in &spec.processors {
+                let Some((_, c)) = config.processors.iter().find(|(id, _)| id.as_str() == p) else {
+                    continue;
+                };
+                if c.config.reads_decoded() {
+                    needs_decoded = true;
+                    break;
+                }
+                if c.config.replaces_input() {
+                    break;
+                }
+            }
             for receiver in &spec.receivers {
                 let route = routes.entry(receiver.clone()).or_insert_with(|| Route {
                     targets: Vec::new(),
@@ -351,4 +360,51 @@ fn start_pipeline(
         fingerprint,
         meter,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Receivers decode a request up front only for a pipeline whose processors read the
+    /// received request decoded; what comes after `aggregate` reads only its output.
+    #[tokio::test]
+    async fn receivers_decode_only_for_processors_that_read_the_request_decoded() {
+        let cases = [
+            ("[classify/resource, aggregate, topk]", false),
+            ("[filter, attributes]", false),
+            ("[topk]", true),
+            ("[classify/datapoint, aggregate]", true),
+            ("[aggregate, classify/datapoint]", false),
+        ];
+        for (processors, decoded) in cases {
+            let yaml = format!(
+                r#"
+receivers:
+  otlp: {{ protocols: {{ grpc: {{ endpoint: "127.0.0.1:0" }} }} }}
+processors:
+  classify/resource: {{ attribute: p, rules: [{{ match: {{ a: x }}, value: y }}] }}
+  classify/datapoint: {{ attribute: p, on: datapoint, rules: [{{ match: {{ a: x }}, value: y }}] }}
+  aggregate: {{ keep: [a] }}
+  topk: {{ k: 1, entity: [a], rank_by: m }}
+  filter: {{ exclude: {{ metric_names: [x] }} }}
+  attributes: {{ actions: [{{ key: a, action: delete }}] }}
+exporters:
+  blackhole: {{}}
+pipelines:
+  p:
+    receivers: [otlp]
+    processors: {processors}
+    exporters: [blackhole]
+"#
+            );
+            let config =
+                Arc::new(AgentConfig::from_yaml(&yaml, std::path::Path::new("a.yaml")).unwrap());
+            let tracker = TaskTracker::new();
+            let pipelines = Pipelines::build(config, None, &tracker).unwrap();
+            let route = pipelines.route("otlp").unwrap();
+            assert_eq!(route.needs_decoded(), decoded, "{processors}");
+        }
+    }
 }

@@ -26,7 +26,7 @@ use super::{
     BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory, SharedState,
 };
 use crate::config::{self, Issue};
-use crate::otlp::{self, Payload};
+use crate::otlp::{self, ExportMetricsServiceRequest, Payload};
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "aggregate",
@@ -188,6 +188,16 @@ pub struct AggregateConfig {
 }
 
 impl ProcessorConfig for AggregateConfig {
+    /// Encoded input is merged off the wire ([`Aggregator::add_encoded`]).
+    fn reads_decoded(&self) -> bool {
+        false
+    }
+
+    /// It passes on merged series and the points it could not merge, decoded by itself.
+    fn replaces_input(&self) -> bool {
+        true
+    }
+
     fn build(&self, context: &mut BuildContext<'_>) -> Box<dyn Processor> {
         let state = context.state::<Option<Aggregator>>();
         state.lock().get_or_insert_with(|| {
@@ -223,6 +233,28 @@ impl Aggregate {
 
 impl Processor for Aggregate {
     fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError> {
+        let encoded = match &input {
+            Payload::Shared(batch) => Some(batch.bytes().clone()),
+            Payload::Encoded { bytes, .. } => Some(bytes.clone()),
+            Payload::Decoded(_) => None,
+        };
+        if let Some(bytes) = encoded {
+            // Merged off the wire: nothing is decoded but what must be kept.
+            let leftovers = {
+                let mut state = self.state.lock();
+                let Some(aggregator) = state.as_mut() else {
+                    out.push(input);
+                    return Ok(());
+                };
+                aggregator.add_encoded(&bytes, self.selection.as_ref())?
+            };
+            if !leftovers.is_empty() {
+                out.push(Payload::Decoded(ExportMetricsServiceRequest {
+                    resource_metrics: leftovers,
+                }));
+            }
+            return Ok(());
+        }
         let mut request = input.into_request()?;
         {
             let mut state = self.state.lock();

@@ -5,6 +5,9 @@
 //! The first rule whose patterns all match decides the value; `default` applies when none
 //! does. Rules see resource attributes (`on: resource`, the default: process identity lives
 //! there) or each data point's attributes with its resource's as fallback (`on: datapoint`).
+//!
+//! On resources the processor works on the encoded request ([`rewrite`]): only the
+//! resources it changes are re-encoded, the rest is copied, and nothing is decoded.
 
 use std::sync::Arc;
 
@@ -14,9 +17,16 @@ use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::pattern::{find_attribute as find, value_text, Matcher, PatternText};
+use super::pattern::{
+    self, find_attribute as find, value_text, AttributeCriterion, Matcher, PatternText,
+};
 use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, Issue};
+use crate::otlp::rewrite::{
+    self, put_len_field, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit, Spans,
+    Value as WireValue,
+};
+use crate::otlp::wire::WireError;
 use crate::otlp::Payload;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
@@ -67,7 +77,7 @@ enum Target {
 
 #[derive(Debug)]
 struct Rule {
-    criteria: Vec<(String, Matcher)>,
+    criteria: Vec<AttributeCriterion>,
     value: String,
 }
 
@@ -102,7 +112,10 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
             };
             if let Some(matcher) = Matcher::compile(patterns, &format!("{path}.{key}"), &mut issues)
             {
-                criteria.push((key.clone(), matcher));
+                criteria.push(AttributeCriterion {
+                    key: key.clone(),
+                    values: matcher,
+                });
             }
         }
         rules.push(Rule {
@@ -122,6 +135,11 @@ fn parse(value: Value) -> Result<Arc<dyn ProcessorConfig>, Vec<Issue>> {
 }
 
 impl ProcessorConfig for Shared {
+    /// Only `on: datapoint` reads the decoded form.
+    fn reads_decoded(&self) -> bool {
+        self.0.on == Target::Datapoint
+    }
+
     fn build(&self, _context: &mut BuildContext<'_>) -> Box<dyn Processor> {
         Box::new(Classifier {
             config: Arc::clone(&self.0),
@@ -148,12 +166,27 @@ impl ClassifyConfig {
         scratch: &mut String,
     ) -> Option<&str> {
         let rule = self.rules.iter().find(|rule| {
-            rule.criteria.iter().all(|(key, matcher)| {
+            rule.criteria.iter().all(|criterion| {
+                let key = &criterion.key;
                 let value = find(primary, key).or_else(|| find(fallback, key));
-                value_text(value, scratch).is_some_and(|text| matcher.is_match(text))
+                value_text(value, scratch).is_some_and(|text| criterion.values.is_match(text))
             })
         });
         rule.map(|r| r.value.as_str()).or(self.default.as_deref())
+    }
+
+    /// [`ClassifyConfig::classify`] of an encoded resource's attributes.
+    fn classify_encoded(
+        &self,
+        attributes: Attributes<'_>,
+        scratch: &mut String,
+    ) -> Result<Option<&str>, WireError> {
+        for rule in &self.rules {
+            if pattern::all_match(&rule.criteria, attributes, scratch)? {
+                return Ok(Some(&rule.value));
+            }
+        }
+        Ok(self.default.as_deref())
     }
 }
 
@@ -201,8 +234,137 @@ fn point_attributes(data: &mut Data) -> Vec<&mut Vec<KeyValue>> {
     }
 }
 
+/// `on: resource` as the wire-level rewrite asks for it: a resource whose value changes is
+/// rewritten with the attribute set in place (or added last), everything else is copied.
+struct ClassifyEdit<'a> {
+    config: &'a ClassifyConfig,
+    scratch: &'a mut String,
+    /// The value the resource being rewritten gets.
+    value: &'a str,
+    /// Reused for encoding the new attribute.
+    any_value: Vec<u8>,
+    key_value: Vec<u8>,
+}
+
+impl ClassifyEdit<'_> {
+    fn put_attribute(&mut self, out: &mut Vec<u8>) {
+        self.any_value.clear();
+        put_len_field(
+            &mut self.any_value,
+            rewrite::ANY_VALUE_STRING,
+            self.value.as_bytes(),
+        );
+        self.key_value.clear();
+        put_len_field(
+            &mut self.key_value,
+            rewrite::KEY_VALUE_KEY,
+            self.config.attribute.as_bytes(),
+        );
+        put_len_field(
+            &mut self.key_value,
+            rewrite::KEY_VALUE_VALUE,
+            &self.any_value,
+        );
+        put_len_field(out, rewrite::RESOURCE_ATTRIBUTES, &self.key_value);
+    }
+}
+
+impl Edit for ClassifyEdit<'_> {
+    type Resource = ();
+    type Point = ();
+    const PRUNE: bool = false;
+
+    fn resource(&mut self, resource: Option<&[u8]>) -> Result<ResourceEdit<()>, WireError> {
+        let attributes = Attributes::of_resource(resource.unwrap_or_default());
+        let Some(value) = self.config.classify_encoded(attributes, self.scratch)? else {
+            return Ok(ResourceEdit::Keep(()));
+        };
+        // Already set so (a second classify, a resend): nothing to rewrite.
+        if let Some(current) = attributes.find(self.config.attribute.as_bytes())? {
+            if current.value()? == WireValue::String(value.as_bytes()) {
+                return Ok(ResourceEdit::Keep(()));
+            }
+        }
+        self.value = value;
+        Ok(ResourceEdit::Rewrite(()))
+    }
+
+    fn write_resource(
+        &mut self,
+        resource: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        let resource = resource.unwrap_or_default();
+        let key = self.config.attribute.as_bytes();
+        let mut replaced = false;
+        for field in Spans::new(resource) {
+            let field = field?;
+            let is_it = !replaced
+                && field.number == rewrite::RESOURCE_ATTRIBUTES
+                && field.wire_type == rewrite::WT_LEN
+                && KeyValueRef::parse(field.body)?.key == key;
+            if is_it {
+                // The first attribute of that key gets the value, as the decoded path does.
+                self.put_attribute(out);
+                replaced = true;
+            } else {
+                let bytes = resource
+                    .get(field.start..field.end)
+                    .ok_or(WireError::Truncated("resource"))?;
+                out.extend_from_slice(bytes);
+            }
+        }
+        if !replaced {
+            self.put_attribute(out);
+        }
+        Ok(())
+    }
+
+    fn descends(&self, _: ()) -> bool {
+        false
+    }
+
+    fn reads_metric_names(&self, _: ()) -> bool {
+        false
+    }
+
+    fn metric(&mut self, _: (), _name: &str) -> MetricEdit<()> {
+        MetricEdit::KeepAll
+    }
+
+    fn point(&mut self, _: (), _attributes: Attributes<'_>) -> Result<PointEdit, WireError> {
+        Ok(PointEdit::Keep)
+    }
+
+    fn keep_attribute(&mut self, _: bool, _: KeyValueRef<'_>) -> Result<bool, WireError> {
+        Ok(true)
+    }
+
+    fn write_point(
+        &mut self,
+        _: (),
+        point: &[u8],
+        _attribute_field: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        out.extend_from_slice(point);
+        Ok(())
+    }
+}
+
 impl Processor for Classifier {
     fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError> {
+        if self.config.on == Target::Resource && !matches!(input, Payload::Decoded(_)) {
+            let mut edit = ClassifyEdit {
+                config: &self.config,
+                scratch: &mut self.scratch,
+                value: "",
+                any_value: Vec::new(),
+                key_value: Vec::new(),
+            };
+            out.push(rewrite::rewrite_payload(input, &mut edit)?.payload);
+            return Ok(());
+        }
         let mut request = input.into_request()?;
         let config = &self.config;
         for rm in &mut request.resource_metrics {
@@ -376,6 +538,42 @@ rules:
             })
             .collect();
         assert_eq!(classes, ["busy-edge", "busy"]);
+    }
+
+    /// Encoded input takes the wire path, and decodes to what the decoded path makes.
+    #[test]
+    fn encoded_requests_are_classified_as_decoded_ones_are() {
+        use prost::Message;
+        let mut relabelled = process("nginx", "www", 10);
+        relabelled.insert(0, string_attr("phoenix.priority", "normal"));
+        let mut already = process("kubelet", "root", 5);
+        already.push(string_attr("phoenix.priority", "critical"));
+        let Payload::Decoded(mut input) = request(vec![
+            process("kubelet", "root", 812),
+            process("java-app", "app", 4000),
+            process("bash", "me", 777),
+            relabelled,
+            already,
+            vec![],
+        ]) else {
+            unreachable!()
+        };
+        // A ResourceMetrics without a resource gets one holding the default.
+        input.resource_metrics[5].resource = None;
+        let encoded = Payload::Encoded {
+            bytes: input.encode_to_vec().into(),
+            data_points: 6,
+        };
+        let from_decoded = run("classify/priority", PRIORITY, vec![Payload::Decoded(input)]);
+        let from_encoded = run("classify/priority", PRIORITY, vec![encoded]);
+        assert!(matches!(from_encoded[..], [Payload::Encoded { .. }]));
+        let decoded = |out: &[Payload]| out[0].clone().into_request().unwrap();
+        assert_eq!(decoded(&from_encoded), decoded(&from_decoded));
+        assert_eq!(
+            resource_values(from_encoded, "phoenix.priority"),
+            ["critical", "high", "normal", "critical", "critical", "normal"]
+                .map(|v| Some(v.to_string()))
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ahash::{AHashMap, AHasher, RandomState};
+use ahash::{AHasher, RandomState};
 use indexmap::IndexMap;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -25,6 +25,8 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 
 use super::pattern::Matcher;
+
+mod wire;
 use crate::telemetry;
 
 /// Output temporality of monotonic sums and histograms.
@@ -231,6 +233,27 @@ impl MergeTelemetry {
 /// bytes are stored per input series while a collision stays out of reach (about n²/2¹²⁹).
 type Fp = u128;
 
+/// A fingerprint is already a uniform hash: maps keyed by one use its low half as is, instead
+/// of hashing it again on each of the several lookups a point costs.
+#[derive(Default)]
+struct FpKeyHasher(u64);
+
+impl Hasher for FpKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, value: u128) {
+        self.0 = value as u64;
+    }
+}
+
+type FpMap<V> = std::collections::HashMap<Fp, V, std::hash::BuildHasherDefault<FpKeyHasher>>;
+
 /// The output of a member that was only ever tracked (see [`Aggregator::track`]).
 const NO_OUTPUT: Fp = 0;
 
@@ -283,33 +306,108 @@ impl Fingerprinter {
             }));
             n += 1;
         }
+        self.attributes_total(fp, n)
+    }
+
+    /// The fingerprint of `n` attributes whose own fingerprints add up to `sum`.
+    fn attributes_total(&self, sum: Fp, n: u64) -> Fp {
         self.of(|h| {
-            h.write_u128(fp);
+            h.write_u128(sum);
             h.write_u64(n);
         })
+    }
+
+    /// One attribute's share of [`Fingerprinter::attributes`], for a scalar value.
+    fn scalar_attribute(&self, key: &str, value: Scalar<'_>) -> Fp {
+        self.of(|h| {
+            key.hash(h);
+            hash_scalar(h, value);
+        })
+    }
+
+    fn scope(&self, name: &str, version: &str) -> Fp {
+        self.of(|h| {
+            name.hash(h);
+            version.hash(h);
+        })
+    }
+
+    fn metric(&self, name: &str, unit: &str, kind: Kind) -> Fp {
+        self.of(|h| {
+            name.hash(h);
+            unit.hash(h);
+            kind.hash(h);
+        })
+    }
+
+    fn base(&self, resource: Fp, scope: Fp, metric: Fp) -> Fp {
+        self.of(|h| {
+            h.write_u128(resource);
+            h.write_u128(scope);
+            h.write_u128(metric);
+        })
+    }
+
+    fn member(&self, base: Fp, attributes: Fp) -> Fp {
+        self.of(|h| {
+            h.write_u128(base);
+            h.write_u128(attributes);
+        })
+    }
+}
+
+/// An attribute value that is not an array or a map, decoded or read off the wire: both
+/// paths hash it through [`hash_scalar`], so a series has one fingerprint whichever way its
+/// request came in.
+#[derive(Debug, Clone, Copy)]
+enum Scalar<'a> {
+    Empty,
+    Str(&'a str),
+    Bool(bool),
+    Int(i64),
+    Double(f64),
+    Bytes(&'a [u8]),
+    Strindex(i32),
+}
+
+fn hash_scalar(h: &mut FpHasher, value: Scalar<'_>) {
+    match value {
+        Scalar::Empty => h.write_u8(0),
+        Scalar::Str(s) => {
+            h.write_u8(1);
+            s.hash(h);
+        }
+        Scalar::Bool(b) => {
+            h.write_u8(2);
+            b.hash(h);
+        }
+        Scalar::Int(i) => {
+            h.write_u8(3);
+            i.hash(h);
+        }
+        Scalar::Double(d) => {
+            h.write_u8(4);
+            d.to_bits().hash(h);
+        }
+        Scalar::Bytes(b) => {
+            h.write_u8(7);
+            b.hash(h);
+        }
+        Scalar::Strindex(i) => {
+            h.write_u8(8);
+            i.hash(h);
+        }
     }
 }
 
 fn hash_value(h: &mut FpHasher, value: Option<&AnyValue>) {
     use any_value::Value as V;
     match value.and_then(|v| v.value.as_ref()) {
-        None => h.write_u8(0),
-        Some(V::StringValue(s)) => {
-            h.write_u8(1);
-            s.hash(h);
-        }
-        Some(V::BoolValue(b)) => {
-            h.write_u8(2);
-            b.hash(h);
-        }
-        Some(V::IntValue(i)) => {
-            h.write_u8(3);
-            i.hash(h);
-        }
-        Some(V::DoubleValue(d)) => {
-            h.write_u8(4);
-            d.to_bits().hash(h);
-        }
+        None => hash_scalar(h, Scalar::Empty),
+        Some(V::StringValue(s)) => hash_scalar(h, Scalar::Str(s)),
+        Some(V::BoolValue(b)) => hash_scalar(h, Scalar::Bool(*b)),
+        Some(V::IntValue(i)) => hash_scalar(h, Scalar::Int(*i)),
+        Some(V::DoubleValue(d)) => hash_scalar(h, Scalar::Double(*d)),
         Some(V::ArrayValue(a)) => {
             h.write_u8(5);
             h.write_usize(a.values.len());
@@ -325,14 +423,8 @@ fn hash_value(h: &mut FpHasher, value: Option<&AnyValue>) {
                 hash_value(h, kv.value.as_ref());
             }
         }
-        Some(V::BytesValue(b)) => {
-            h.write_u8(7);
-            b.hash(h);
-        }
-        Some(V::StringValueStrindex(i)) => {
-            h.write_u8(8);
-            i.hash(h);
-        }
+        Some(V::BytesValue(b)) => hash_scalar(h, Scalar::Bytes(b)),
+        Some(V::StringValueStrindex(i)) => hash_scalar(h, Scalar::Strindex(*i)),
     }
 }
 
@@ -383,6 +475,32 @@ impl Num {
             Num::Int(i) => number_data_point::Value::AsInt(i),
             Num::Double(d) => number_data_point::Value::AsDouble(d),
         }
+    }
+}
+
+/// What the engine reads of a `NumberDataPoint` besides its attributes.
+#[derive(Debug, Clone, Copy)]
+struct NumberParts {
+    flags: u32,
+    value: Option<Num>,
+    start: u64,
+    time: u64,
+}
+
+impl NumberParts {
+    /// The value to merge, or why there is none: a "no recorded value" point is merged as
+    /// nothing; no value, a non-finite one or a negative counter is invalid.
+    fn mergeable(&self, kind: Kind) -> Result<Num, Outcome> {
+        if self.flags & NO_RECORDED_VALUE != 0 {
+            return Err(Outcome::Merged);
+        }
+        let Some(value) = self.value.filter(|v| v.f64().is_finite()) else {
+            return Err(Outcome::Dropped(Dropped::Invalid));
+        };
+        if kind == Kind::Counter && value.f64() < 0.0 {
+            return Err(Outcome::Dropped(Dropped::Invalid));
+        }
+        Ok(value)
     }
 }
 
@@ -724,15 +842,17 @@ enum MemberState {
     Counter { start: u64, time: u64, last: Num },
     /// A gauge's latest value, or an up-down counter's level.
     Level { time: u64, value: Num },
+    // Boxed: a member is looked up once per point among tens of thousands, and the
+    // histogram states would make every member, counters included, four times larger.
     Histogram {
         start: u64,
         time: u64,
-        last: HistData,
+        last: Box<HistData>,
     },
     ExpHistogram {
         start: u64,
         time: u64,
-        last: ExpData,
+        last: Box<ExpData>,
     },
 }
 
@@ -755,8 +875,12 @@ struct Member {
 enum Accumulated {
     FromMembers,
     Counter(Total),
-    Histogram { bounds: Vec<f64>, data: HistData },
-    ExpHistogram(Option<ExpData>),
+    // Boxed, as in `MemberState`: every output would otherwise be as large as a histogram's.
+    Histogram {
+        bounds: Vec<f64>,
+        data: Box<HistData>,
+    },
+    ExpHistogram(Option<Box<ExpData>>),
 }
 
 #[derive(Debug)]
@@ -841,11 +965,11 @@ pub struct Aggregator {
     telemetry: MergeTelemetry,
     counts: MergeCounts,
     fingerprints: Fingerprinter,
-    members: AHashMap<Fp, Member>,
-    outputs: AHashMap<Fp, Output>,
-    resources: AHashMap<Fp, Arc<[KeyValue]>>,
-    scopes: AHashMap<Fp, Arc<InstrumentationScope>>,
-    descriptors: AHashMap<Fp, Arc<Descriptor>>,
+    members: FpMap<Member>,
+    outputs: FpMap<Output>,
+    resources: FpMap<Arc<[KeyValue]>>,
+    scopes: FpMap<Arc<InstrumentationScope>>,
+    descriptors: FpMap<Arc<Descriptor>>,
     interval_start: u64,
     /// When the engine was made: no output starts before.
     created: u64,
@@ -865,11 +989,11 @@ impl Aggregator {
             telemetry,
             counts: MergeCounts::default(),
             fingerprints: Fingerprinter::new(),
-            members: AHashMap::new(),
-            outputs: AHashMap::new(),
-            resources: AHashMap::new(),
-            scopes: AHashMap::new(),
-            descriptors: AHashMap::new(),
+            members: FpMap::default(),
+            outputs: FpMap::default(),
+            resources: FpMap::default(),
+            scopes: FpMap::default(),
+            descriptors: FpMap::default(),
             interval_start: start_unix_nano,
             created: start_unix_nano,
             generation: 0,
@@ -967,20 +1091,9 @@ impl Aggregator {
     ) -> AddContext<'a> {
         let fps = &self.fingerprints;
         let resource_fp = fps.attributes(&resource.attributes);
-        let scope_fp = fps.of(|h| {
-            scope.name.hash(h);
-            scope.version.hash(h);
-        });
-        let metric_fp = fps.of(|h| {
-            metric.name.hash(h);
-            metric.unit.hash(h);
-            kind.hash(h);
-        });
-        let base = fps.of(|h| {
-            h.write_u128(resource_fp);
-            h.write_u128(scope_fp);
-            h.write_u128(metric_fp);
-        });
+        let scope_fp = fps.scope(&scope.name, &scope.version);
+        let metric_fp = fps.metric(&metric.name, &metric.unit, kind);
+        let base = fps.base(resource_fp, scope_fp, metric_fp);
         AddContext {
             resource: &resource.attributes,
             projection,
@@ -1101,10 +1214,7 @@ impl Aggregator {
 
     fn member_fp(&self, ctx: &AddContext<'_>, attributes: &[KeyValue]) -> Fp {
         let attributes = self.fingerprints.attributes(attributes);
-        self.fingerprints.of(|h| {
-            h.write_u128(ctx.base);
-            h.write_u128(attributes);
-        })
+        self.fingerprints.member(ctx.base, attributes)
     }
 
     /// The member `fp`, made on its first point: its output series is found or made, if
@@ -1260,20 +1370,34 @@ impl Aggregator {
     }
 
     fn add_number(&mut self, ctx: &mut AddContext<'_>, point: &NumberDataPoint) -> Outcome {
-        if point.flags & NO_RECORDED_VALUE != 0 {
-            return Outcome::Merged;
-        }
-        let Some(value) = Num::of(point).filter(|v| v.f64().is_finite()) else {
-            return Outcome::Dropped(Dropped::Invalid);
+        let parts = NumberParts {
+            flags: point.flags,
+            value: Num::of(point),
+            start: point.start_time_unix_nano,
+            time: point.time_unix_nano,
         };
-        if ctx.kind == Kind::Counter && value.f64() < 0.0 {
-            return Outcome::Dropped(Dropped::Invalid);
-        }
+        let value = match parts.mergeable(ctx.kind) {
+            Ok(value) => value,
+            Err(outcome) => return outcome,
+        };
         let fp = self.member_fp(ctx, &point.attributes);
-        let start = point.start_time_unix_nano;
+        self.merge_number(ctx, parts, value, fp, &point.attributes)
+    }
+
+    /// Merges one valid number point of member `fp`; `attributes` (the point's, decoded) are
+    /// read only when the member is new or lost its output.
+    fn merge_number(
+        &mut self,
+        ctx: &mut AddContext<'_>,
+        parts: NumberParts,
+        value: Num,
+        fp: Fp,
+        attributes: &[KeyValue],
+    ) -> Outcome {
+        let start = parts.start;
         if ctx.track && !self.is_attached(fp) {
             if ctx.kind == Kind::Counter && ctx.cumulative_input {
-                let time = point.time_unix_nano;
+                let time = parts.time;
                 let state = MemberState::Counter {
                     start,
                     time,
@@ -1287,12 +1411,12 @@ impl Aggregator {
             Kind::Counter => || Accumulated::Counter(Total::default()),
             _ => || Accumulated::FromMembers,
         };
-        let is_new = match self.admit(ctx, fp, &point.attributes, start, |_| true, accumulated) {
+        let is_new = match self.admit(ctx, fp, attributes, start, |_| true, accumulated) {
             Ok(is_new) => is_new,
             Err(outcome) => return outcome,
         };
         let (kind, cumulative_input) = (ctx.kind, ctx.cumulative_input);
-        let time = point.time_unix_nano;
+        let time = parts.time;
         let Some((member, output)) = self.member_and_output(fp) else {
             return Outcome::Unmerged(Unmerged::StateFull);
         };
@@ -1384,7 +1508,7 @@ impl Aggregator {
                 let state = MemberState::Histogram {
                     start,
                     time: point.time_unix_nano,
-                    last: HistData::of(point),
+                    last: Box::new(HistData::of(point)),
                 };
                 self.set_baseline(fp, state);
             }
@@ -1393,7 +1517,7 @@ impl Aggregator {
         let compatible = |a: &Accumulated| matches!(a, Accumulated::Histogram { bounds, .. } if *bounds == point.explicit_bounds);
         let accumulated = || Accumulated::Histogram {
             bounds: point.explicit_bounds.clone(),
-            data: HistData::empty(buckets),
+            data: Box::new(HistData::empty(buckets)),
         };
         let is_new = match self.admit(ctx, fp, &point.attributes, start, compatible, accumulated) {
             Ok(is_new) => is_new,
@@ -1430,7 +1554,7 @@ impl Aggregator {
             member.state = MemberState::Histogram {
                 start: kept_start,
                 time,
-                last: current,
+                last: Box::new(current),
             };
             increase
         };
@@ -1466,7 +1590,7 @@ impl Aggregator {
                 let state = MemberState::ExpHistogram {
                     start,
                     time: point.time_unix_nano,
-                    last,
+                    last: Box::new(last),
                 };
                 self.set_baseline(fp, state);
             }
@@ -1517,7 +1641,7 @@ impl Aggregator {
             member.state = MemberState::ExpHistogram {
                 start: kept_start,
                 time,
-                last: current,
+                last: Box::new(current),
             };
             increase
         };
@@ -1526,7 +1650,7 @@ impl Aggregator {
         {
             match data {
                 Some(data) => data.merge(&increase),
-                None => *data = Some(increase),
+                None => *data = Some(Box::new(increase)),
             }
         }
         if ctx.track {
@@ -1555,7 +1679,7 @@ impl Aggregator {
 
         // Gauges and levels come from the members; stale members go first, so that they no
         // longer count.
-        let mut from_members: AHashMap<Fp, MemberValues> = AHashMap::new();
+        let mut from_members: FpMap<MemberValues> = FpMap::default();
         let outputs = &mut self.outputs;
         let mut evicted = 0;
         self.members.retain(|_, member| {
@@ -1657,7 +1781,7 @@ impl Aggregator {
                         ..Default::default()
                     };
                     if temporality == Temporality::Delta {
-                        *data = HistData::empty(data.buckets.len());
+                        **data = HistData::empty(data.buckets.len());
                     }
                     Data::Histogram(Histogram {
                         data_points: vec![point],
@@ -1669,7 +1793,7 @@ impl Aggregator {
                         hist: HistData::empty(0),
                         ..ExpData::default()
                     };
-                    let d = data.as_ref().unwrap_or(&empty);
+                    let d = data.as_deref().unwrap_or(&empty);
                     let point = ExponentialHistogramDataPoint {
                         attributes: output.attributes.clone(),
                         start_time_unix_nano: start,
@@ -2051,6 +2175,7 @@ mod tests {
     use super::*;
     use crate::otlp::testdata::{int_attr, string_attr};
     use crate::processor::aggregate::AttributeSelection;
+    use ahash::AHashMap;
     use opentelemetry_proto::tonic::metrics::v1::{Summary, SummaryDataPoint};
     use proptest::prelude::*;
 

@@ -42,6 +42,12 @@ pub trait ProcessorConfig: Send + Sync + Debug {
     fn reads_decoded(&self) -> bool {
         true
     }
+
+    /// Whether every payload it passes on is of its own making (merged series, points it
+    /// decoded itself), so that the processors after it never read a received request.
+    fn replaces_input(&self) -> bool {
+        false
+    }
 }
 
 /// A processor instance, owned by one pipeline runner.
