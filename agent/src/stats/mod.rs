@@ -239,6 +239,8 @@ pub struct VolumeMeter {
     /// What a `meter` config adds; `None` skips all of it.
     extra: Option<meter::Extra>,
     pipeline: String,
+    /// The series of the request being observed, reused.
+    series_scratch: Vec<u64>,
 }
 
 struct MeterHandles {
@@ -274,6 +276,7 @@ impl VolumeMeter {
             handles,
             extra: None,
             pipeline: pipeline.to_string(),
+            series_scratch: Vec::new(),
         }
     }
 
@@ -297,7 +300,18 @@ impl VolumeMeter {
     pub fn observe(&mut self, request: &[u8], data_points: u64) {
         let tracker = &mut self.series;
         let walked = match &mut self.extra {
-            None => for_each_series(&self.state, request, |series| tracker.insert(series)),
+            None => {
+                // Hashes first, then the inserts in a tight loop: with tens of thousands of
+                // series each insert misses the cache, and only independent inserts close
+                // together let the processor wait for several misses at once.
+                let hashes = &mut self.series_scratch;
+                hashes.clear();
+                let walked = for_each_series(&self.state, request, |series| hashes.push(series));
+                for &series in hashes.iter() {
+                    tracker.insert(series);
+                }
+                walked
+            }
             Some(extra) => extra.walk(&self.state, tracker, request),
         };
         if let Err(err) = walked {

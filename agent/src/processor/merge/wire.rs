@@ -74,6 +74,33 @@ struct WirePoint<'a> {
     fp: Fp,
 }
 
+/// One metric of a scope, as the first pass read it; `read` is `None` for a metric left to
+/// the decoded path.
+struct WireMetric<'a> {
+    encoded: &'a [u8],
+    read: Option<ReadMetric<'a>>,
+}
+
+/// What the merge needs of a gauge or sum read off the wire.
+struct ReadMetric<'a> {
+    name: &'a str,
+    description: &'a str,
+    unit: &'a str,
+    kind: Kind,
+    cumulative_input: bool,
+    metric_fp: Fp,
+    base: Fp,
+    /// Its points in [`Work::points`].
+    points: std::ops::Range<usize>,
+}
+
+/// Buffers reused from one scope to the next within a request.
+#[derive(Default)]
+struct Work<'a> {
+    metrics: Vec<WireMetric<'a>>,
+    points: Vec<WirePoint<'a>>,
+}
+
 /// Unmerged points of one `ResourceMetrics`, by scope index, in input order.
 type Leftovers = Vec<(usize, Metric)>;
 
@@ -174,7 +201,7 @@ impl Aggregator {
     ) -> Result<Vec<ResourceMetrics>, WireError> {
         let before = self.counts;
         let mut leftovers = Vec::new();
-        let mut points = Vec::new();
+        let mut work = Work::default();
         let mut result = Ok(());
         for field in Spans::new(request) {
             let added = field.and_then(|field| {
@@ -182,7 +209,7 @@ impl Aggregator {
                     return Ok(());
                 }
                 field.expect_len()?;
-                self.add_resource_metrics(field.body, projection, &mut points, &mut leftovers)
+                self.add_resource_metrics(field.body, projection, &mut work, &mut leftovers)
             });
             if let Err(err) = added {
                 result = Err(err);
@@ -198,7 +225,7 @@ impl Aggregator {
         &mut self,
         encoded: &'a [u8],
         projection: &dyn Projection,
-        points: &mut Vec<WirePoint<'a>>,
+        work: &mut Work<'a>,
         out: &mut Vec<ResourceMetrics>,
     ) -> Result<(), WireError> {
         let fingerprint = |this: &Self| -> Result<_, Fallback> {
@@ -231,7 +258,7 @@ impl Aggregator {
                 &scope,
                 &mut decoded_resource,
                 projection,
-                points,
+                work,
                 &mut leftovers,
             )?;
         }
@@ -271,7 +298,7 @@ impl Aggregator {
         scope: &Scope<'a>,
         decoded_resource: &mut Option<Resource>,
         projection: &dyn Projection,
-        points: &mut Vec<WirePoint<'a>>,
+        work: &mut Work<'a>,
         leftovers: &mut Leftovers,
     ) -> Result<(), WireError> {
         let fingerprint = |this: &Self| -> Result<_, Fallback> {
@@ -294,54 +321,80 @@ impl Aggregator {
             }
             return Ok(());
         };
-        let mut decoded_scope: Option<InstrumentationScope> = None;
+
+        // First pass: read every metric of the scope and fingerprint its points. Nothing is
+        // merged yet, so a metric the wire pass cannot read goes whole to the decoded path.
+        work.metrics.clear();
+        work.points.clear();
         for field in Spans::new(scope.encoded) {
             let field = field?;
             if field.number != SCOPE_METRICS_METRICS {
                 continue;
             }
             field.expect_len()?;
-            let metric = MetricAt {
+            let first = work.points.len();
+            let read = self
+                .read_wire_metric(field.body, scope.resource_fp, scope_fp, &mut work.points)
+                .ok();
+            if read.is_none() {
+                work.points.truncate(first);
+            }
+            work.metrics.push(WireMetric {
                 encoded: field.body,
+                read,
+            });
+        }
+
+        // Second pass: look every member and its output up in a tight loop. With tens of
+        // thousands of members each lookup misses the cache; independent lookups close
+        // together wait for their misses at once, and the merge then finds them in cache.
+        for point in &work.points {
+            let output = self.members.get(&point.fp).map(|m| m.output);
+            std::hint::black_box(output.and_then(|o| self.outputs.get(&o).map(|o| o.seq)));
+        }
+
+        // Third pass: merge, metric by metric, in order.
+        let mut decoded_scope: Option<InstrumentationScope> = None;
+        for metric in &work.metrics {
+            let at = MetricAt {
+                encoded: metric.encoded,
                 scope_encoded,
                 scope_fp,
             };
-            if self
-                .add_wire_metric(
-                    scope,
-                    &metric,
-                    decoded_resource,
-                    &mut decoded_scope,
-                    projection,
-                    points,
-                    leftovers,
-                )
-                .is_err()
-            {
-                let mut decoded: Metric = decode(metric.encoded)?;
-                let resource = resource_of(decoded_resource, scope.resource)?;
-                let scope_ref = scope_of(&mut decoded_scope, scope_encoded)?;
-                self.add_metric(resource, scope_ref, &mut decoded, projection);
-                keep_if_any(scope.index, decoded, leftovers);
+            match &metric.read {
+                Some(read) => {
+                    let points = work.points.get(read.points.clone()).unwrap_or_default();
+                    self.merge_wire_metric(
+                        scope,
+                        &at,
+                        read,
+                        points,
+                        (decoded_resource, &mut decoded_scope),
+                        projection,
+                        leftovers,
+                    )?;
+                }
+                None => {
+                    let mut decoded: Metric = decode(metric.encoded)?;
+                    let resource = resource_of(decoded_resource, scope.resource)?;
+                    let scope_ref = scope_of(&mut decoded_scope, scope_encoded)?;
+                    self.add_metric(resource, scope_ref, &mut decoded, projection);
+                    keep_if_any(scope.index, decoded, leftovers);
+                }
             }
         }
         Ok(())
     }
 
-    /// Merges one gauge or sum off the wire. `Fallback` before anything of it is merged
-    /// when it is not one, or not laid out as a decoder would read it the same way.
-    #[allow(clippy::too_many_arguments)]
-    fn add_wire_metric<'a>(
-        &mut self,
-        scope: &Scope<'a>,
-        metric: &MetricAt<'a>,
-        decoded_resource: &mut Option<Resource>,
-        decoded_scope: &mut Option<InstrumentationScope>,
-        projection: &dyn Projection,
+    /// Reads one metric's header and points, pushing the points. `Fallback` when it is not
+    /// a gauge or a sum, or not laid out as a decoder would read it the same way.
+    fn read_wire_metric<'a>(
+        &self,
+        encoded: &'a [u8],
+        resource_fp: Fp,
+        scope_fp: Fp,
         points: &mut Vec<WirePoint<'a>>,
-        leftovers: &mut Leftovers,
-    ) -> Result<(), Fallback> {
-        let encoded = metric.encoded;
+    ) -> Result<ReadMetric<'a>, Fallback> {
         let (mut name, mut description, mut unit): (&[u8], &[u8], &[u8]) = (&[], &[], &[]);
         let mut data: Option<Span<'a>> = None;
         for field in Spans::new(encoded) {
@@ -364,8 +417,20 @@ impl Aggregator {
             }
         }
         let (name, description, unit) = (utf8(name)?, utf8(description)?, utf8(unit)?);
+        let first = points.len();
         // A metric without data has nothing to merge; the decoded path would drop it empty.
-        let Some(data) = data else { return Ok(()) };
+        let Some(data) = data else {
+            return Ok(ReadMetric {
+                name,
+                description,
+                unit,
+                kind: Kind::Gauge,
+                cumulative_input: false,
+                metric_fp: 0,
+                base: 0,
+                points: first..first,
+            });
+        };
         let (kind, cumulative_input) = if data.number == METRIC_GAUGE {
             (Kind::Gauge, false)
         } else {
@@ -382,42 +447,59 @@ impl Aggregator {
                     _ => {}
                 }
             }
-            let kind = if monotonic {
-                Kind::Counter
-            } else {
-                Kind::UpDown
-            };
+            let kind = if monotonic { Kind::Counter } else { Kind::UpDown };
             (kind, temporality != TEMPORALITY_DELTA)
         };
         let metric_fp = self.fingerprints.metric(name, unit, kind);
-        let base = self
-            .fingerprints
-            .base(scope.resource_fp, metric.scope_fp, metric_fp);
-
-        // First pass: read every point, so that a point the wire pass cannot read sends the
-        // whole metric to the decoded path before anything of it is merged.
-        points.clear();
-        let mut decode_needed = false;
+        let base = self.fingerprints.base(resource_fp, scope_fp, metric_fp);
         for field in Spans::new(data.body) {
             let field = field?;
             if field.number != DATA_POINTS {
                 continue;
             }
             field.expect_len()?;
-            let point = self.wire_point(field.body, base)?;
-            decode_needed |= !self
-                .members
-                .get(&point.fp)
-                .is_some_and(|m| self.outputs.contains_key(&m.output));
-            points.push(point);
+            points.push(self.wire_point(field.body, base)?);
         }
+        Ok(ReadMetric {
+            name,
+            description,
+            unit,
+            kind,
+            cumulative_input,
+            metric_fp,
+            base,
+            points: first..points.len(),
+        })
+    }
 
-        // Second pass: merge. A member seen for the first time needs the decoded resource,
-        // scope and attributes to make its output series.
+    /// Merges the points of one metric read by [`Aggregator::read_wire_metric`].
+    #[allow(clippy::too_many_arguments)]
+    fn merge_wire_metric(
+        &mut self,
+        scope: &Scope<'_>,
+        metric: &MetricAt<'_>,
+        read: &ReadMetric<'_>,
+        points: &[WirePoint<'_>],
+        decoded: (&mut Option<Resource>, &mut Option<InstrumentationScope>),
+        projection: &dyn Projection,
+        leftovers: &mut Leftovers,
+    ) -> Result<(), WireError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let present = |this: &Self, fp: &Fp| {
+            this.members
+                .get(fp)
+                .is_some_and(|m| this.outputs.contains_key(&m.output))
+        };
+        // A member seen for the first time needs the decoded resource, scope and attributes
+        // to make its output series.
+        let decode_needed = points.iter().any(|p| !present(self, &p.fp));
         let no_scope = InstrumentationScope::default();
+        let (decoded_resource, decoded_scope) = decoded;
         let (resource, scope_ref): (&[KeyValue], &InstrumentationScope) = if decode_needed {
-            let resource = resource_of(decoded_resource, scope.resource).map_err(|_| Fallback)?;
-            let scope_ref = scope_of(decoded_scope, metric.scope_encoded).map_err(|_| Fallback)?;
+            let resource = resource_of(decoded_resource, scope.resource)?;
+            let scope_ref = scope_of(decoded_scope, metric.scope_encoded)?;
             (&resource.attributes, scope_ref)
         } else {
             (&[], &no_scope)
@@ -425,24 +507,22 @@ impl Aggregator {
         let mut ctx = AddContext {
             resource,
             projection,
-            kind,
-            cumulative_input,
-            base,
+            kind: read.kind,
+            cumulative_input: read.cumulative_input,
+            base: read.base,
             scope: (metric.scope_fp, scope_ref),
-            metric: (metric_fp, name, description, unit),
+            metric: (read.metric_fp, read.name, read.description, read.unit),
             output_resource: None,
             track: false,
         };
         let mut unmerged: Vec<usize> = Vec::new();
         for (index, point) in points.iter().enumerate() {
-            let outcome = match point.parts.mergeable(kind) {
+            let outcome = match point.parts.mergeable(read.kind) {
                 Err(outcome) => outcome,
                 Ok(value) => {
-                    let new = !self
-                        .members
-                        .get(&point.fp)
-                        .is_some_and(|m| self.outputs.contains_key(&m.output));
-                    let attributes = if new && decode_needed {
+                    // Members are never removed while merging, so only a point of a member
+                    // absent before (decode_needed) can be new here.
+                    let attributes = if decode_needed && !present(self, &point.fp) {
                         point_attributes(point.encoded)
                     } else {
                         Vec::new()
@@ -456,9 +536,7 @@ impl Aggregator {
         }
         if !unmerged.is_empty() {
             // Rare (state full): decode the metric and keep the points left over.
-            let Ok(mut decoded) = decode::<Metric>(encoded) else {
-                return Ok(());
-            };
+            let mut decoded: Metric = decode(metric.encoded)?;
             retain_points(&mut decoded, &unmerged);
             keep_if_any(scope.index, decoded, leftovers);
         }
