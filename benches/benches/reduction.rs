@@ -94,6 +94,49 @@ fn reduction(c: &mut Criterion) {
             })
         });
     }
+    // The same processors on encoded input, as a pipeline hands them a received request:
+    // classify and aggregate work on the bytes without decoding them.
+    let encoded: Vec<(bytes::Bytes, u64)> = node
+        .iter()
+        .map(|r| {
+            (
+                prost::Message::encode_to_vec(r).into(),
+                phoenix_agent::otlp::data_points(r),
+            )
+        })
+        .collect();
+    for (id, yaml) in CASES.iter().take(2) {
+        let mut processor = build_processor(id, yaml).expect("valid config");
+        for (bytes, data_points) in &encoded[..5] {
+            let payload = Payload::Encoded {
+                bytes: bytes.clone(),
+                data_points: *data_points,
+            };
+            processor
+                .process(payload, &mut Vec::new())
+                .expect("processes");
+        }
+        let mut out = Vec::new();
+        let mut next = 5;
+        group.bench_function(format!("{id}/encoded"), |b| {
+            b.iter_custom(|iterations| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iterations {
+                    let (bytes, data_points) = &encoded[next % encoded.len()];
+                    let request = Payload::Encoded {
+                        bytes: bytes.clone(),
+                        data_points: *data_points,
+                    };
+                    next += 1;
+                    let started = Instant::now();
+                    processor.process(request, &mut out).expect("processes");
+                    spent += started.elapsed();
+                    out.clear();
+                }
+                spent
+            })
+        });
+    }
     // deltatocumulative needs delta input: the workload through cumulativetodelta.
     let mut to_delta = build_processor("cumulativetodelta", "{}").expect("valid config");
     let mut deltas = Vec::new();

@@ -411,6 +411,8 @@ struct MeterWalk<'a> {
 
 impl Visitor for MeterWalk<'_> {
     const DETAIL: bool = true;
+    /// Pipeline output is well formed by construction.
+    const VALIDATE: bool = false;
 
     fn resource(&mut self, resource: &[u8]) {
         self.resource = resource_hash(self.state, resource);

@@ -447,7 +447,11 @@ impl Aggregator {
                     _ => {}
                 }
             }
-            let kind = if monotonic { Kind::Counter } else { Kind::UpDown };
+            let kind = if monotonic {
+                Kind::Counter
+            } else {
+                Kind::UpDown
+            };
             (kind, temporality != TEMPORALITY_DELTA)
         };
         let metric_fp = self.fingerprints.metric(name, unit, kind);
