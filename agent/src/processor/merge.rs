@@ -1411,9 +1411,20 @@ impl Aggregator {
             Kind::Counter => || Accumulated::Counter(Total::default()),
             _ => || Accumulated::FromMembers,
         };
-        let is_new = match self.admit(ctx, fp, attributes, start, |_| true, accumulated) {
-            Ok(is_new) => is_new,
-            Err(outcome) => return outcome,
+        // Nearly every point is of a member already merged into a live output: admitting it
+        // would change nothing (any output takes a number), so its lookups are skipped.
+        let merged_already = !ctx.track
+            && self
+                .members
+                .get(&fp)
+                .is_some_and(|m| m.attached && self.outputs.contains_key(&m.output));
+        let is_new = if merged_already {
+            false
+        } else {
+            match self.admit(ctx, fp, attributes, start, |_| true, accumulated) {
+                Ok(is_new) => is_new,
+                Err(outcome) => return outcome,
+            }
         };
         let (kind, cumulative_input) = (ctx.kind, ctx.cumulative_input);
         let time = parts.time;

@@ -72,6 +72,9 @@ struct WirePoint<'a> {
     encoded: &'a [u8],
     parts: NumberParts,
     fp: Fp,
+    /// Its member and output existed when the scope was read. Members are never removed
+    /// while merging, so `true` stays true; `false` may have become true since.
+    present: bool,
 }
 
 /// One metric of a scope, as the first pass read it; `read` is `None` for a metric left to
@@ -348,9 +351,11 @@ impl Aggregator {
         // Second pass: look every member and its output up in a tight loop. With tens of
         // thousands of members each lookup misses the cache; independent lookups close
         // together wait for their misses at once, and the merge then finds them in cache.
-        for point in &work.points {
-            let output = self.members.get(&point.fp).map(|m| m.output);
-            std::hint::black_box(output.and_then(|o| self.outputs.get(&o).map(|o| o.seq)));
+        for point in &mut work.points {
+            point.present = self
+                .members
+                .get(&point.fp)
+                .is_some_and(|m| self.outputs.contains_key(&m.output));
         }
 
         // Third pass: merge, metric by metric, in order.
@@ -498,7 +503,7 @@ impl Aggregator {
         };
         // A member seen for the first time needs the decoded resource, scope and attributes
         // to make its output series.
-        let decode_needed = points.iter().any(|p| !present(self, &p.fp));
+        let decode_needed = points.iter().any(|p| !p.present);
         let no_scope = InstrumentationScope::default();
         let (decoded_resource, decoded_scope) = decoded;
         let (resource, scope_ref): (&[KeyValue], &InstrumentationScope) = if decode_needed {
@@ -524,9 +529,9 @@ impl Aggregator {
             let outcome = match point.parts.mergeable(read.kind) {
                 Err(outcome) => outcome,
                 Ok(value) => {
-                    // Members are never removed while merging, so only a point of a member
-                    // absent before (decode_needed) can be new here.
-                    let attributes = if decode_needed && !present(self, &point.fp) {
+                    // Members are never removed while merging: only a point whose member
+                    // was absent when the scope was read can be new.
+                    let attributes = if !point.present && !present(self, &point.fp) {
                         point_attributes(point.encoded)
                     } else {
                         Vec::new()
@@ -587,6 +592,7 @@ impl Aggregator {
             encoded,
             parts,
             fp: self.fingerprints.member(base, attributes),
+            present: false,
         })
     }
 
