@@ -8,6 +8,7 @@
 //! is skipped and counted (`reason="vanished"`); a file the agent may not read (another user's
 //! `io` or `exe` without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -19,6 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use ahash::AHashMap;
 use indexmap::IndexMap;
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::metrics::v1::Metric;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use rustix::fs::{Mode, OFlags};
@@ -85,6 +87,24 @@ struct Attributes {
     owner: bool,
 }
 
+impl Attributes {
+    /// How many are on: the capacity of a process's attribute list.
+    fn count(&self) -> usize {
+        [
+            self.pid,
+            self.parent_pid,
+            self.executable_name,
+            self.executable_path,
+            self.command,
+            self.command_line,
+            self.owner,
+        ]
+        .iter()
+        .filter(|on| **on)
+        .count()
+    }
+}
+
 /// Which metrics are on, resolved once from the switches.
 #[derive(Debug, Clone, Copy)]
 struct Metrics {
@@ -101,6 +121,30 @@ struct Metrics {
     open_file_descriptors: bool,
     context_switches: bool,
     uptime: bool,
+}
+
+impl Metrics {
+    /// How many are on: the capacity of a process's metric list.
+    fn count(&self) -> usize {
+        [
+            self.cpu_time,
+            self.cpu_utilization,
+            self.memory_usage,
+            self.memory_virtual,
+            self.memory_utilization,
+            self.disk_io,
+            self.disk_operations,
+            self.paging_faults,
+            self.signals_pending,
+            self.threads,
+            self.open_file_descriptors,
+            self.context_switches,
+            self.uptime,
+        ]
+        .iter()
+        .filter(|on| **on)
+        .count()
+    }
 }
 
 #[derive(Debug)]
@@ -360,7 +404,8 @@ pub struct ProcessScraper {
     io: FileBuf,
     /// Reused for `readlinkat` of `exe`.
     link: Vec<u8>,
-    command_line: String,
+    /// Built once; each process's resource gets a copy.
+    scope: InstrumentationScope,
     users: Users,
     previous: AHashMap<u32, CpuSample>,
     generation: u64,
@@ -387,7 +432,7 @@ impl ProcessScraper {
             cmdline: FileBuf::default(),
             io: FileBuf::default(),
             link: Vec::new(),
-            command_line: String::new(),
+            scope: super::scope(NAME),
             users: Users::new(root),
             previous: AHashMap::new(),
             generation: 0,
@@ -471,6 +516,7 @@ impl Scraper for ProcessScraper {
         }
         self.generation += 1;
         let listed = std::mem::take(&mut self.listed);
+        out.resource_metrics.reserve(listed.len());
         for &(pid, ino) in &listed {
             if let Outcome::Emitted(rm) = self.read_process(pid, ino, &host, ctx) {
                 out.resource_metrics.push(*rm);
@@ -750,7 +796,7 @@ impl ProcessScraper {
         };
 
         // Everything is read; build the resource and its metrics.
-        let mut resource = Vec::with_capacity(7);
+        let mut resource = Vec::with_capacity(a.count());
         if a.pid {
             resource.push(int_attr("process.pid", i64::from(pid)));
         }
@@ -758,7 +804,7 @@ impl ProcessScraper {
             resource.push(int_attr("process.parent_pid", stat.ppid));
         }
         if a.executable_name {
-            resource.push(str_attr("process.executable.name", name));
+            resource.push(str_attr("process.executable.name", name.into_owned()));
         }
         if let Some(exe) = exe {
             resource.push(str_attr("process.executable.path", exe));
@@ -767,8 +813,10 @@ impl ProcessScraper {
             resource.push(str_attr("process.command", procfs::command(cmdline)));
         }
         if a.command_line {
-            procfs::command_line(cmdline, &mut self.command_line);
-            resource.push(str_attr("process.command_line", self.command_line.as_str()));
+            resource.push(str_attr(
+                "process.command_line",
+                procfs::command_line(cmdline),
+            ));
         }
         if let Some(owner) = owner {
             resource.push(str_attr("process.owner", owner));
@@ -781,7 +829,7 @@ impl ProcessScraper {
             stat.stime as f64 / tick,
             stat.blkio_ticks as f64 / tick,
         );
-        let mut metrics: Vec<Metric> = Vec::with_capacity(6);
+        let mut metrics: Vec<Metric> = Vec::with_capacity(m.count());
         let mut add = |def: &MetricDef, points: &[(f64, Option<(&'static str, &'static str)>)]| {
             let mut metric = def.new_metric(points.len());
             for &(value, attr) in points {
@@ -904,8 +952,8 @@ impl ProcessScraper {
             add(&metadata::PROCESS_UPTIME, &[(age.as_secs_f64(), None)]);
         }
 
-        match super::resource_metrics(
-            NAME,
+        match super::resource_metrics_in(
+            self.scope.clone(),
             Resource {
                 attributes: resource,
                 ..Default::default()
@@ -918,14 +966,15 @@ impl ProcessScraper {
     }
 }
 
-/// `comm`, or the base name of the command when `comm` is its truncated prefix.
-fn executable_name(comm: &[u8], cmdline: &[u8]) -> String {
+/// `comm`, or the base name of the command when `comm` is its truncated prefix; borrowed
+/// unless it has bytes that are not UTF-8, so a process filtered out costs no allocation.
+fn executable_name<'a>(comm: &'a [u8], cmdline: &'a [u8]) -> Cow<'a, str> {
     if comm.len() >= COMM_MAX {
         let first = cmdline.split(|&b| b == 0).next().unwrap_or_default();
         let base = first.rsplit(|&b| b == b'/').next().unwrap_or_default();
         if base.starts_with(comm) {
-            return String::from_utf8_lossy(base).into_owned();
+            return String::from_utf8_lossy(base);
         }
     }
-    String::from_utf8_lossy(comm).into_owned()
+    String::from_utf8_lossy(comm)
 }
