@@ -9,6 +9,7 @@
 //! `io` or `exe` without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -230,14 +231,34 @@ pub fn parse(value: Value, issues: &mut Vec<Issue>) -> Option<ProcessSettings> {
 /// CPU seconds of one process at one scrape, for `process.cpu.utilization`.
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
-    /// Tells a reused PID from the process seen before.
-    starttime: u64,
     time: u64,
     user: f64,
     system: f64,
     wait: f64,
+}
+
+/// What is kept of one process from one scrape to the next, for as long as its PID has the
+/// same start time (a new process under the PID starts afresh).
+#[derive(Debug)]
+struct Known {
+    starttime: u64,
     /// The scrape that last saw the process; older entries are dropped.
     generation: u64,
+    cpu: Option<CpuSample>,
+    /// The `exe` target, and the `comm` it was read under: it is read again only when `comm`
+    /// changes, which `execve` does (to the new program's name).
+    exe: Option<(Box<[u8]>, String)>,
+}
+
+impl Known {
+    fn new(starttime: u64, generation: u64) -> Self {
+        Self {
+            starttime,
+            generation,
+            cpu: None,
+            exe: None,
+        }
+    }
 }
 
 /// uid → user name from `<root>/etc/passwd`, re-read when the file changes.
@@ -303,11 +324,9 @@ struct ProcFiles {
     ino: u64,
     /// `starttime` of the process the files were opened for, once read.
     starttime: Option<u64>,
-    /// `/proc/PID` itself: `fstat` gives the owner, `openat` the files below.
+    /// `/proc/PID` itself: `fstat` gives the owner, `openat` the files below, `readlinkat`
+    /// the `exe` link (read once per program, see [`Known::exe`]).
     dir: OwnedFd,
-    /// The `exe` link itself (`O_PATH`): `readlinkat(exe, "")` reads it without looking it up
-    /// in the directory, which is 40% of a `readlink`'s cost.
-    exe: Option<OwnedFd>,
     stat: Option<File>,
     cmdline: Option<File>,
     io: Option<File>,
@@ -326,7 +345,6 @@ impl ProcFiles {
             ino,
             starttime: None,
             dir: rustix::fs::open(dir, flags, Mode::empty())?,
-            exe: None,
             stat: None,
             cmdline: None,
             io: None,
@@ -339,7 +357,7 @@ impl ProcFiles {
     /// Descriptors held, the directory's included.
     fn count(&self) -> usize {
         let files = [&self.stat, &self.cmdline, &self.io, &self.status];
-        1 + usize::from(self.exe.is_some()) + files.iter().filter(|f| f.is_some()).count()
+        1 + files.iter().filter(|f| f.is_some()).count()
     }
 }
 
@@ -365,35 +383,6 @@ fn read_file<'b>(
     Ok(buf.bytes())
 }
 
-/// The target of the process's `exe` link, through the link kept in `slot`, opened (with
-/// `O_PATH`) and kept first when there is none and `keep` allows; otherwise a plain
-/// `readlinkat`. Each read asks procfs for the process's executable of now.
-fn read_exe(
-    dir: &OwnedFd,
-    slot: &mut Option<OwnedFd>,
-    keep: bool,
-    buf: Vec<u8>,
-) -> io::Result<std::ffi::CString> {
-    if let Some(link) = slot.as_ref() {
-        return Ok(rustix::fs::readlinkat(link, "", buf)?);
-    }
-    if !keep {
-        return Ok(rustix::fs::readlinkat(dir, "exe", buf)?);
-    }
-    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let link = rustix::fs::openat(dir, "exe", flags, Mode::empty())?;
-    match rustix::fs::readlinkat(&link, "", buf) {
-        Ok(target) => {
-            *slot = Some(link);
-            Ok(target)
-        }
-        // Exited, or not a link (the fixture's unreadable `exe`, a directory): a plain
-        // `readlink` tells which (`ENOENT` or `EINVAL`).
-        Err(rustix::io::Errno::NOENT) => Ok(rustix::fs::readlinkat(dir, "exe", Vec::new())?),
-        Err(err) => Err(err.into()),
-    }
-}
-
 pub struct ProcessScraper {
     settings: Arc<ProcessSettings>,
     proc_dir: PathBuf,
@@ -407,7 +396,7 @@ pub struct ProcessScraper {
     /// Built once; each process's resource gets a copy.
     scope: InstrumentationScope,
     users: Users,
-    previous: AHashMap<u32, CpuSample>,
+    known: AHashMap<u32, Known>,
     generation: u64,
     /// Kept-open files by PID; `open_files` counts their descriptors, at most
     /// `max_open_files` (between reads of one process, its own are not counted).
@@ -434,7 +423,7 @@ impl ProcessScraper {
             link: Vec::new(),
             scope: super::scope(NAME),
             users: Users::new(root),
-            previous: AHashMap::new(),
+            known: AHashMap::new(),
             generation: 0,
             files: AHashMap::new(),
             open_files: 0,
@@ -524,7 +513,7 @@ impl Scraper for ProcessScraper {
         }
         self.listed = listed;
         let generation = self.generation;
-        self.previous.retain(|_, s| s.generation == generation);
+        self.known.retain(|_, k| k.generation == generation);
         // Processes no longer listed: their files close here.
         self.files.retain(|_, f| f.generation == generation);
         self.open_files = self.files.values().map(ProcFiles::count).sum();
@@ -703,23 +692,41 @@ impl ProcessScraper {
             return Outcome::Skipped;
         }
 
-        // Kernel threads and zombies have no executable; that is not an error.
-        let no_exe = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
-        let exe = if a.executable_path && !no_exe {
-            let (keep, buf) = (may_keep(files), std::mem::take(&mut self.link));
-            match read_exe(&files.dir, &mut files.exe, keep, buf) {
-                Ok(target) => {
-                    let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
-                    self.link = target.into_bytes();
-                    Some(exe)
+        let known = match self.known.entry(pid) {
+            Entry::Occupied(entry) => {
+                let known = entry.into_mut();
+                if known.starttime != stat.starttime {
+                    *known = Known::new(stat.starttime, self.generation);
                 }
-                Err(err) => {
-                    gone_or!(err, Reason::Exe, s.mute_exe, "exe");
-                    None
+                known
+            }
+            Entry::Vacant(entry) => entry.insert(Known::new(stat.starttime, self.generation)),
+        };
+        known.generation = self.generation;
+
+        // Kernel threads and zombies have no executable; that is not an error. The link is
+        // read when the process is first seen and again when its `comm` changes (an exec);
+        // a failed read is not kept, and is tried again next scrape.
+        let no_exe = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
+        let exe = match &known.exe {
+            _ if !a.executable_path || no_exe => None,
+            Some((comm, exe)) if **comm == *stat.comm => Some(exe.clone()),
+            _ => {
+                let buf = std::mem::take(&mut self.link);
+                match rustix::fs::readlinkat(&files.dir, "exe", buf) {
+                    Ok(target) => {
+                        let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
+                        self.link = target.into_bytes();
+                        known.exe = Some((stat.comm.into(), exe.clone()));
+                        Some(exe)
+                    }
+                    Err(err) => {
+                        known.exe = None;
+                        gone_or!(io::Error::from(err), Reason::Exe, s.mute_exe, "exe");
+                        None
+                    }
                 }
             }
-        } else {
-            None
         };
 
         // The owner is the uid owning /proc/PID (`fstat`, which procfs answers from the
@@ -853,15 +860,13 @@ impl ProcessScraper {
         }
         if m.cpu_utilization {
             let sample = CpuSample {
-                starttime: stat.starttime,
                 time: now,
                 user,
                 system,
                 wait,
-                generation: self.generation,
             };
-            let before = self.previous.insert(pid, sample);
-            if let Some(before) = before.filter(|b| b.starttime == stat.starttime) {
+            // `known` was reset if the PID has a new process since.
+            if let Some(before) = known.cpu.replace(sample) {
                 let elapsed = now.saturating_sub(before.time) as f64 / 1e9;
                 if elapsed > 0.0 {
                     let scale = elapsed * host.logical_cpus as f64;
