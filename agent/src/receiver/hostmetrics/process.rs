@@ -656,9 +656,14 @@ impl ProcessScraper {
         }
         files.starttime = Some(stat.starttime);
 
+        // Kernel threads and zombies have no memory of their own: no executable (that is
+        // not an error) and an empty `cmdline`, which the kernel answers without looking, so
+        // it is not read either.
+        let no_mm = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
+
         // The name is `comm`, extended from the command as gopsutil does when the kernel
         // truncated it, so filters see the same names as with the Collector.
-        let needs_cmdline = a.command || a.command_line || stat.comm.len() >= COMM_MAX;
+        let needs_cmdline = !no_mm && (a.command || a.command_line || stat.comm.len() >= COMM_MAX);
         let cmdline: &[u8] = if needs_cmdline {
             let keep = may_keep(files);
             match read_file(
@@ -704,12 +709,10 @@ impl ProcessScraper {
         };
         known.generation = self.generation;
 
-        // Kernel threads and zombies have no executable; that is not an error. The link is
-        // read when the process is first seen and again when its `comm` changes (an exec);
-        // a failed read is not kept, and is tried again next scrape.
-        let no_exe = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
+        // The exe link is read when the process is first seen and again when its `comm`
+        // changes (an exec); a failed read is not kept, and is tried again next scrape.
         let exe = match &known.exe {
-            _ if !a.executable_path || no_exe => None,
+            _ if !a.executable_path || no_mm => None,
             Some((comm, exe)) if **comm == *stat.comm => Some(exe.clone()),
             _ => {
                 let buf = std::mem::take(&mut self.link);

@@ -744,8 +744,8 @@ fn beyond_max_open_files_every_process_is_still_read() {
     }
     assert_eq!(by_pid(&unlimited[1]).len(), 6);
     // The directory, stat, status, cmdline and io of each process; 104's io is unreadable
-    // (not kept).
-    assert_eq!(unlimited[1].open_files, 6 * 5 - 1);
+    // (not kept), 102 is a kernel thread (no cmdline read).
+    assert_eq!(unlimited[1].open_files, 6 * 5 - 2);
 }
 
 /// The `hostmetrics` example of docs/configuration.md (which shows `max_open_files`) is a
@@ -842,4 +842,31 @@ fn an_exe_link_that_failed_is_read_again_next_scrape() {
         exe_paths(&[first, second]),
         [None, Some("/usr/bin/app".to_string())]
     );
+}
+
+#[test]
+fn a_kernel_threads_cmdline_and_exe_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kthread = Process::new(100, "kworker/0:1-events_unbound", &[]);
+    kthread.comm = b"kworker/0:1-events_unbound".to_vec();
+    kthread.flags |= procfs::PF_KTHREAD;
+    // The kernel answers an empty `cmdline` for a process without memory; this one would
+    // show if it were read.
+    kthread.cmdline = b"never\0read\0".to_vec();
+    fixture::write(dir.path(), &[kthread]).unwrap();
+    let output = scrape_once(dir.path(), "  process: {}\n");
+    let rm = by_pid(&output)[&100];
+    assert_eq!(
+        resource_attr(rm, "process.command_line").as_deref(),
+        Some("")
+    );
+    assert_eq!(resource_attr(rm, "process.command").as_deref(), Some(""));
+    assert_eq!(
+        resource_attr(rm, "process.executable.name").as_deref(),
+        Some("kworker/0:1-events_unbound")
+    );
+    assert_eq!(resource_attr(rm, "process.executable.path"), None);
+    // Its directory, stat and io.
+    assert_eq!(output.open_files, 3);
+    assert!(output.errors.counts.is_empty(), "{:?}", output.errors);
 }
