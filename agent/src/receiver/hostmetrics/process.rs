@@ -331,6 +331,8 @@ struct ProcFiles {
     cmdline: Option<File>,
     io: Option<File>,
     status: Option<File>,
+    /// The `fd` directory, listed again from its start each scrape.
+    fd: Option<OwnedFd>,
     /// Within `max_open_files`: the files stay open after the scrape. Otherwise each is
     /// closed once read, as when nothing is kept.
     keep: bool,
@@ -349,6 +351,7 @@ impl ProcFiles {
             cmdline: None,
             io: None,
             status: None,
+            fd: None,
             keep,
             generation,
         })
@@ -357,7 +360,7 @@ impl ProcFiles {
     /// Descriptors held, the directory's included.
     fn count(&self) -> usize {
         let files = [&self.stat, &self.cmdline, &self.io, &self.status];
-        1 + files.iter().filter(|f| f.is_some()).count()
+        1 + usize::from(self.fd.is_some()) + files.iter().filter(|f| f.is_some()).count()
     }
 }
 
@@ -383,6 +386,39 @@ fn read_file<'b>(
     Ok(buf.bytes())
 }
 
+/// Entries of the process's `fd` directory (`.` and `..` aside), through the descriptor kept
+/// in `slot`, rewound to the start (procfs lists the descriptors of now on every read), or
+/// opened first when there is none and kept if `keep`. `buf` is the `getdents` buffer.
+fn count_fds(
+    dir: &OwnedFd,
+    slot: &mut Option<OwnedFd>,
+    keep: bool,
+    buf: &mut [MaybeUninit<u8>],
+) -> io::Result<u64> {
+    fn count(fd: &OwnedFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<u64> {
+        let mut entries = rustix::fs::RawDir::new(fd, buf);
+        let mut n = 0;
+        while let Some(entry) = entries.next() {
+            let entry = entry?;
+            if !matches!(entry.file_name().to_bytes(), b"." | b"..") {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+    if let Some(fd) = slot.as_ref() {
+        rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0))?;
+        return count(fd, buf);
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, "fd", flags, Mode::empty())?;
+    let n = count(&fd, buf)?;
+    if keep {
+        *slot = Some(fd);
+    }
+    Ok(n)
+}
+
 pub struct ProcessScraper {
     settings: Arc<ProcessSettings>,
     proc_dir: PathBuf,
@@ -403,7 +439,8 @@ pub struct ProcessScraper {
     files: AHashMap<u32, ProcFiles>,
     open_files: usize,
     max_open_files: usize,
-    /// The `getdents` buffer for listing `<proc>`, and the PIDs and inodes listed.
+    /// The `getdents` buffer for listing `<proc>` (and each process's `fd`), and the PIDs
+    /// and inodes listed.
     dirents: Vec<MaybeUninit<u8>>,
     listed: Vec<(u32, u64)>,
 }
@@ -794,8 +831,9 @@ impl ProcessScraper {
         };
 
         let fds = if m.open_file_descriptors {
-            match std::fs::read_dir(self.path.file("fd")) {
-                Ok(dir) => Some(dir.count() as u64),
+            let keep = may_keep(files);
+            match count_fds(&files.dir, &mut files.fd, keep, &mut self.dirents) {
+                Ok(n) => Some(n),
                 Err(err) => {
                     gone_or!(err, Reason::Fd, false, "fd");
                     None

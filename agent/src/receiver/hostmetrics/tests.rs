@@ -743,9 +743,9 @@ fn beyond_max_open_files_every_process_is_still_read() {
         }
     }
     assert_eq!(by_pid(&unlimited[1]).len(), 6);
-    // The directory, stat, status, cmdline and io of each process; 104's io is unreadable
-    // (not kept), 102 is a kernel thread (no cmdline read).
-    assert_eq!(unlimited[1].open_files, 6 * 5 - 2);
+    // The directory, stat, status, cmdline, io and fd directory of each process; 104's io
+    // is unreadable (not kept), 102 is a kernel thread (no cmdline read).
+    assert_eq!(unlimited[1].open_files, 6 * 6 - 2);
 }
 
 /// The `hostmetrics` example of docs/configuration.md (which shows `max_open_files`) is a
@@ -869,4 +869,26 @@ fn a_kernel_threads_cmdline_and_exe_are_not_read() {
     // Its directory, stat and io.
     assert_eq!(output.open_files, 3);
     assert!(output.errors.counts.is_empty(), "{:?}", output.errors);
+}
+
+#[test]
+fn open_file_descriptors_are_listed_afresh_through_the_kept_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::new(100, "app", &[]);
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    let config = config(
+        dir.path(),
+        "  process: { metrics: { process.open_file_descriptors: { enabled: true } } }\n",
+    );
+    let mut scrapers = Scrapers::new(&config, KERNEL);
+    let mut fds = |s: u64| {
+        let output = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + s));
+        values(by_pid(&output)[&100])["process.open_file_descriptors{}"]
+    };
+    assert_eq!(fds(0), 3.0);
+    p.fds = 7;
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    assert_eq!(fds(10), 7.0);
+    std::fs::remove_file(dir.path().join("proc/100/fd/6")).unwrap();
+    assert_eq!(fds(20), 6.0);
 }
