@@ -7,11 +7,15 @@
 //! Scrapes after the first are measured (steady state: the scraper keeps each process's files
 //! open between scrapes); the first, which opens them all, is printed separately. The
 //! `_uncached` cases set `max_open_files: 0`, i.e. open/read/close every file every scrape.
+//!
+//! `PHOENIX_BENCH_ONLY=<case>` (e.g. `process_1000/default`, `real_proc/default`) runs only
+//! that case, scraping for 8 s after one first scrape, prints the mean CPU per scrape and
+//! exits: for `perf record -p` and for A/B runs of two builds taken in turn.
 
 // The inputs are built by the bench itself; a failure is a bug worth a panic.
 #![allow(clippy::expect_used)]
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use phoenix_agent::receiver::hostmetrics::{fixture, parse_config, KernelConstants, Scrapers};
@@ -58,6 +62,23 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
     );
 }
 
+/// Scrapes `scrapers` for 8 s after a first scrape; prints the mean CPU per scrape.
+fn only(name: &str, scrapers: &mut Scrapers) {
+    scrapers.scrape(SystemTime::now());
+    eprintln!("hostmetrics/{name}: scraping for 8 s");
+    let (started, before) = (Instant::now(), thread_cpu_ns());
+    let mut runs = 0u64;
+    while started.elapsed() < Duration::from_secs(8) {
+        std::hint::black_box(scrapers.scrape(SystemTime::now()));
+        runs += 1;
+    }
+    let per_scrape = (thread_cpu_ns() - before) / runs.max(1);
+    eprintln!(
+        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms",
+        per_scrape as f64 / 1e6
+    );
+}
+
 fn scrapers(root: &std::path::Path, process: &str) -> Scrapers {
     let yaml = format!(
         "root_path: {}\nscrapers:\n  process: {process}\n",
@@ -90,6 +111,21 @@ fn hostmetrics(c: &mut Criterion) {
             "{ include: { names: [no-such-process], match_type: strict } }",
         ),
     ];
+    let real_cases = [
+        ("real_proc/default", "{}"),
+        ("real_proc/default_uncached", "{ max_open_files: 0 }"),
+    ];
+    if let Ok(case) = std::env::var("PHOENIX_BENCH_ONLY") {
+        let fixture = cases.iter().map(|&(n, p)| (n, p, dir.path()));
+        let real = real_cases
+            .iter()
+            .map(|&(n, p)| (n, p, std::path::Path::new("/")));
+        match fixture.chain(real).find(|(n, _, _)| *n == case) {
+            Some((name, process, root)) => only(name, &mut scrapers(root, process)),
+            None => eprintln!("PHOENIX_BENCH_ONLY: no case {case}"),
+        }
+        return;
+    }
     for (name, process) in cases {
         let mut scrapers = scrapers(dir.path(), process);
         report_cpu(name, &mut scrapers);
@@ -112,10 +148,7 @@ fn hostmetrics(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Elements(processes as u64));
-    for (name, process) in [
-        ("real_proc/default", "{}"),
-        ("real_proc/default_uncached", "{ max_open_files: 0 }"),
-    ] {
+    for (name, process) in real_cases {
         let mut real = scrapers(std::path::Path::new("/"), process);
         report_cpu(name, &mut real);
         group.bench_function(name, |b| b.iter(|| real.scrape(SystemTime::now())));

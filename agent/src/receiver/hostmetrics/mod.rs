@@ -470,17 +470,24 @@ pub fn resource_metrics(
     resource: Resource,
     metrics: Vec<Metric>,
 ) -> Option<ResourceMetrics> {
-    let metrics: Vec<Metric> = metrics
-        .into_iter()
-        .filter(|m| crate::otlp::metric_data_points(m.data.as_ref()) > 0)
-        .collect();
+    resource_metrics_in(scope(scraper), resource, metrics)
+}
+
+/// [`resource_metrics`] with the scope built once by the caller, for a scraper that emits
+/// one resource per process.
+pub fn resource_metrics_in(
+    scope: InstrumentationScope,
+    resource: Resource,
+    mut metrics: Vec<Metric>,
+) -> Option<ResourceMetrics> {
+    metrics.retain(|m| crate::otlp::metric_data_points(m.data.as_ref()) > 0);
     if metrics.is_empty() {
         return None;
     }
     Some(ResourceMetrics {
         resource: Some(resource),
         scope_metrics: vec![ScopeMetrics {
-            scope: Some(scope(scraper)),
+            scope: Some(scope),
             metrics,
             schema_url: SCHEMA_URL.to_string(),
         }],

@@ -8,6 +8,8 @@
 //! is skipped and counted (`reason="vanished"`); a file the agent may not read (another user's
 //! `io` or `exe` without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
 
+use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -19,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use ahash::AHashMap;
 use indexmap::IndexMap;
+use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
 use opentelemetry_proto::tonic::metrics::v1::Metric;
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use rustix::fs::{Mode, OFlags};
@@ -85,6 +88,24 @@ struct Attributes {
     owner: bool,
 }
 
+impl Attributes {
+    /// How many are on: the capacity of a process's attribute list.
+    fn count(&self) -> usize {
+        [
+            self.pid,
+            self.parent_pid,
+            self.executable_name,
+            self.executable_path,
+            self.command,
+            self.command_line,
+            self.owner,
+        ]
+        .iter()
+        .filter(|on| **on)
+        .count()
+    }
+}
+
 /// Which metrics are on, resolved once from the switches.
 #[derive(Debug, Clone, Copy)]
 struct Metrics {
@@ -101,6 +122,30 @@ struct Metrics {
     open_file_descriptors: bool,
     context_switches: bool,
     uptime: bool,
+}
+
+impl Metrics {
+    /// How many are on: the capacity of a process's metric list.
+    fn count(&self) -> usize {
+        [
+            self.cpu_time,
+            self.cpu_utilization,
+            self.memory_usage,
+            self.memory_virtual,
+            self.memory_utilization,
+            self.disk_io,
+            self.disk_operations,
+            self.paging_faults,
+            self.signals_pending,
+            self.threads,
+            self.open_file_descriptors,
+            self.context_switches,
+            self.uptime,
+        ]
+        .iter()
+        .filter(|on| **on)
+        .count()
+    }
 }
 
 #[derive(Debug)]
@@ -186,14 +231,34 @@ pub fn parse(value: Value, issues: &mut Vec<Issue>) -> Option<ProcessSettings> {
 /// CPU seconds of one process at one scrape, for `process.cpu.utilization`.
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
-    /// Tells a reused PID from the process seen before.
-    starttime: u64,
     time: u64,
     user: f64,
     system: f64,
     wait: f64,
+}
+
+/// What is kept of one process from one scrape to the next, for as long as its PID has the
+/// same start time (a new process under the PID starts afresh).
+#[derive(Debug)]
+struct Known {
+    starttime: u64,
     /// The scrape that last saw the process; older entries are dropped.
     generation: u64,
+    cpu: Option<CpuSample>,
+    /// The `exe` target, and the `comm` it was read under: it is read again only when `comm`
+    /// changes, which `execve` does (to the new program's name).
+    exe: Option<(Box<[u8]>, String)>,
+}
+
+impl Known {
+    fn new(starttime: u64, generation: u64) -> Self {
+        Self {
+            starttime,
+            generation,
+            cpu: None,
+            exe: None,
+        }
+    }
 }
 
 /// uid → user name from `<root>/etc/passwd`, re-read when the file changes.
@@ -259,15 +324,15 @@ struct ProcFiles {
     ino: u64,
     /// `starttime` of the process the files were opened for, once read.
     starttime: Option<u64>,
-    /// `/proc/PID` itself: `fstat` gives the owner, `openat` the files below.
+    /// `/proc/PID` itself: `fstat` gives the owner, `openat` the files below, `readlinkat`
+    /// the `exe` link (read once per program, see [`Known::exe`]).
     dir: OwnedFd,
-    /// The `exe` link itself (`O_PATH`): `readlinkat(exe, "")` reads it without looking it up
-    /// in the directory, which is 40% of a `readlink`'s cost.
-    exe: Option<OwnedFd>,
     stat: Option<File>,
     cmdline: Option<File>,
     io: Option<File>,
     status: Option<File>,
+    /// The `fd` directory, listed again from its start each scrape.
+    fd: Option<OwnedFd>,
     /// Within `max_open_files`: the files stay open after the scrape. Otherwise each is
     /// closed once read, as when nothing is kept.
     keep: bool,
@@ -282,11 +347,11 @@ impl ProcFiles {
             ino,
             starttime: None,
             dir: rustix::fs::open(dir, flags, Mode::empty())?,
-            exe: None,
             stat: None,
             cmdline: None,
             io: None,
             status: None,
+            fd: None,
             keep,
             generation,
         })
@@ -295,7 +360,7 @@ impl ProcFiles {
     /// Descriptors held, the directory's included.
     fn count(&self) -> usize {
         let files = [&self.stat, &self.cmdline, &self.io, &self.status];
-        1 + usize::from(self.exe.is_some()) + files.iter().filter(|f| f.is_some()).count()
+        1 + usize::from(self.fd.is_some()) + files.iter().filter(|f| f.is_some()).count()
     }
 }
 
@@ -321,33 +386,37 @@ fn read_file<'b>(
     Ok(buf.bytes())
 }
 
-/// The target of the process's `exe` link, through the link kept in `slot`, opened (with
-/// `O_PATH`) and kept first when there is none and `keep` allows; otherwise a plain
-/// `readlinkat`. Each read asks procfs for the process's executable of now.
-fn read_exe(
+/// Entries of the process's `fd` directory (`.` and `..` aside), through the descriptor kept
+/// in `slot`, rewound to the start (procfs lists the descriptors of now on every read), or
+/// opened first when there is none and kept if `keep`. `buf` is the `getdents` buffer.
+fn count_fds(
     dir: &OwnedFd,
     slot: &mut Option<OwnedFd>,
     keep: bool,
-    buf: Vec<u8>,
-) -> io::Result<std::ffi::CString> {
-    if let Some(link) = slot.as_ref() {
-        return Ok(rustix::fs::readlinkat(link, "", buf)?);
-    }
-    if !keep {
-        return Ok(rustix::fs::readlinkat(dir, "exe", buf)?);
-    }
-    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let link = rustix::fs::openat(dir, "exe", flags, Mode::empty())?;
-    match rustix::fs::readlinkat(&link, "", buf) {
-        Ok(target) => {
-            *slot = Some(link);
-            Ok(target)
+    buf: &mut [MaybeUninit<u8>],
+) -> io::Result<u64> {
+    fn count(fd: &OwnedFd, buf: &mut [MaybeUninit<u8>]) -> io::Result<u64> {
+        let mut entries = rustix::fs::RawDir::new(fd, buf);
+        let mut n = 0;
+        while let Some(entry) = entries.next() {
+            let entry = entry?;
+            if !matches!(entry.file_name().to_bytes(), b"." | b"..") {
+                n += 1;
+            }
         }
-        // Exited, or not a link (the fixture's unreadable `exe`, a directory): a plain
-        // `readlink` tells which (`ENOENT` or `EINVAL`).
-        Err(rustix::io::Errno::NOENT) => Ok(rustix::fs::readlinkat(dir, "exe", Vec::new())?),
-        Err(err) => Err(err.into()),
+        Ok(n)
     }
+    if let Some(fd) = slot.as_ref() {
+        rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0))?;
+        return count(fd, buf);
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, "fd", flags, Mode::empty())?;
+    let n = count(&fd, buf)?;
+    if keep {
+        *slot = Some(fd);
+    }
+    Ok(n)
 }
 
 pub struct ProcessScraper {
@@ -360,16 +429,18 @@ pub struct ProcessScraper {
     io: FileBuf,
     /// Reused for `readlinkat` of `exe`.
     link: Vec<u8>,
-    command_line: String,
+    /// Built once; each process's resource gets a copy.
+    scope: InstrumentationScope,
     users: Users,
-    previous: AHashMap<u32, CpuSample>,
+    known: AHashMap<u32, Known>,
     generation: u64,
     /// Kept-open files by PID; `open_files` counts their descriptors, at most
     /// `max_open_files` (between reads of one process, its own are not counted).
     files: AHashMap<u32, ProcFiles>,
     open_files: usize,
     max_open_files: usize,
-    /// The `getdents` buffer for listing `<proc>`, and the PIDs and inodes listed.
+    /// The `getdents` buffer for listing `<proc>` (and each process's `fd`), and the PIDs
+    /// and inodes listed.
     dirents: Vec<MaybeUninit<u8>>,
     listed: Vec<(u32, u64)>,
 }
@@ -387,9 +458,9 @@ impl ProcessScraper {
             cmdline: FileBuf::default(),
             io: FileBuf::default(),
             link: Vec::new(),
-            command_line: String::new(),
+            scope: super::scope(NAME),
             users: Users::new(root),
-            previous: AHashMap::new(),
+            known: AHashMap::new(),
             generation: 0,
             files: AHashMap::new(),
             open_files: 0,
@@ -471,6 +542,7 @@ impl Scraper for ProcessScraper {
         }
         self.generation += 1;
         let listed = std::mem::take(&mut self.listed);
+        out.resource_metrics.reserve(listed.len());
         for &(pid, ino) in &listed {
             if let Outcome::Emitted(rm) = self.read_process(pid, ino, &host, ctx) {
                 out.resource_metrics.push(*rm);
@@ -478,7 +550,7 @@ impl Scraper for ProcessScraper {
         }
         self.listed = listed;
         let generation = self.generation;
-        self.previous.retain(|_, s| s.generation == generation);
+        self.known.retain(|_, k| k.generation == generation);
         // Processes no longer listed: their files close here.
         self.files.retain(|_, f| f.generation == generation);
         self.open_files = self.files.values().map(ProcFiles::count).sum();
@@ -621,9 +693,14 @@ impl ProcessScraper {
         }
         files.starttime = Some(stat.starttime);
 
+        // Kernel threads and zombies have no memory of their own: no executable (that is
+        // not an error) and an empty `cmdline`, which the kernel answers without looking, so
+        // it is not read either.
+        let no_mm = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
+
         // The name is `comm`, extended from the command as gopsutil does when the kernel
         // truncated it, so filters see the same names as with the Collector.
-        let needs_cmdline = a.command || a.command_line || stat.comm.len() >= COMM_MAX;
+        let needs_cmdline = !no_mm && (a.command || a.command_line || stat.comm.len() >= COMM_MAX);
         let cmdline: &[u8] = if needs_cmdline {
             let keep = may_keep(files);
             match read_file(
@@ -657,23 +734,39 @@ impl ProcessScraper {
             return Outcome::Skipped;
         }
 
-        // Kernel threads and zombies have no executable; that is not an error.
-        let no_exe = stat.flags & procfs::PF_KTHREAD != 0 || stat.state == b'Z';
-        let exe = if a.executable_path && !no_exe {
-            let (keep, buf) = (may_keep(files), std::mem::take(&mut self.link));
-            match read_exe(&files.dir, &mut files.exe, keep, buf) {
-                Ok(target) => {
-                    let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
-                    self.link = target.into_bytes();
-                    Some(exe)
+        let known = match self.known.entry(pid) {
+            Entry::Occupied(entry) => {
+                let known = entry.into_mut();
+                if known.starttime != stat.starttime {
+                    *known = Known::new(stat.starttime, self.generation);
                 }
-                Err(err) => {
-                    gone_or!(err, Reason::Exe, s.mute_exe, "exe");
-                    None
+                known
+            }
+            Entry::Vacant(entry) => entry.insert(Known::new(stat.starttime, self.generation)),
+        };
+        known.generation = self.generation;
+
+        // The exe link is read when the process is first seen and again when its `comm`
+        // changes (an exec); a failed read is not kept, and is tried again next scrape.
+        let exe = match &known.exe {
+            _ if !a.executable_path || no_mm => None,
+            Some((comm, exe)) if **comm == *stat.comm => Some(exe.clone()),
+            _ => {
+                let buf = std::mem::take(&mut self.link);
+                match rustix::fs::readlinkat(&files.dir, "exe", buf) {
+                    Ok(target) => {
+                        let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
+                        self.link = target.into_bytes();
+                        known.exe = Some((stat.comm.into(), exe.clone()));
+                        Some(exe)
+                    }
+                    Err(err) => {
+                        known.exe = None;
+                        gone_or!(io::Error::from(err), Reason::Exe, s.mute_exe, "exe");
+                        None
+                    }
                 }
             }
-        } else {
-            None
         };
 
         // The owner is the uid owning /proc/PID (`fstat`, which procfs answers from the
@@ -738,8 +831,9 @@ impl ProcessScraper {
         };
 
         let fds = if m.open_file_descriptors {
-            match std::fs::read_dir(self.path.file("fd")) {
-                Ok(dir) => Some(dir.count() as u64),
+            let keep = may_keep(files);
+            match count_fds(&files.dir, &mut files.fd, keep, &mut self.dirents) {
+                Ok(n) => Some(n),
                 Err(err) => {
                     gone_or!(err, Reason::Fd, false, "fd");
                     None
@@ -750,7 +844,7 @@ impl ProcessScraper {
         };
 
         // Everything is read; build the resource and its metrics.
-        let mut resource = Vec::with_capacity(7);
+        let mut resource = Vec::with_capacity(a.count());
         if a.pid {
             resource.push(int_attr("process.pid", i64::from(pid)));
         }
@@ -758,7 +852,7 @@ impl ProcessScraper {
             resource.push(int_attr("process.parent_pid", stat.ppid));
         }
         if a.executable_name {
-            resource.push(str_attr("process.executable.name", name));
+            resource.push(str_attr("process.executable.name", name.into_owned()));
         }
         if let Some(exe) = exe {
             resource.push(str_attr("process.executable.path", exe));
@@ -767,8 +861,10 @@ impl ProcessScraper {
             resource.push(str_attr("process.command", procfs::command(cmdline)));
         }
         if a.command_line {
-            procfs::command_line(cmdline, &mut self.command_line);
-            resource.push(str_attr("process.command_line", self.command_line.as_str()));
+            resource.push(str_attr(
+                "process.command_line",
+                procfs::command_line(cmdline),
+            ));
         }
         if let Some(owner) = owner {
             resource.push(str_attr("process.owner", owner));
@@ -781,7 +877,7 @@ impl ProcessScraper {
             stat.stime as f64 / tick,
             stat.blkio_ticks as f64 / tick,
         );
-        let mut metrics: Vec<Metric> = Vec::with_capacity(6);
+        let mut metrics: Vec<Metric> = Vec::with_capacity(m.count());
         let mut add = |def: &MetricDef, points: &[(f64, Option<(&'static str, &'static str)>)]| {
             let mut metric = def.new_metric(points.len());
             for &(value, attr) in points {
@@ -805,15 +901,13 @@ impl ProcessScraper {
         }
         if m.cpu_utilization {
             let sample = CpuSample {
-                starttime: stat.starttime,
                 time: now,
                 user,
                 system,
                 wait,
-                generation: self.generation,
             };
-            let before = self.previous.insert(pid, sample);
-            if let Some(before) = before.filter(|b| b.starttime == stat.starttime) {
+            // `known` was reset if the PID has a new process since.
+            if let Some(before) = known.cpu.replace(sample) {
                 let elapsed = now.saturating_sub(before.time) as f64 / 1e9;
                 if elapsed > 0.0 {
                     let scale = elapsed * host.logical_cpus as f64;
@@ -904,8 +998,8 @@ impl ProcessScraper {
             add(&metadata::PROCESS_UPTIME, &[(age.as_secs_f64(), None)]);
         }
 
-        match super::resource_metrics(
-            NAME,
+        match super::resource_metrics_in(
+            self.scope.clone(),
             Resource {
                 attributes: resource,
                 ..Default::default()
@@ -918,14 +1012,15 @@ impl ProcessScraper {
     }
 }
 
-/// `comm`, or the base name of the command when `comm` is its truncated prefix.
-fn executable_name(comm: &[u8], cmdline: &[u8]) -> String {
+/// `comm`, or the base name of the command when `comm` is its truncated prefix; borrowed
+/// unless it has bytes that are not UTF-8, so a process filtered out costs no allocation.
+fn executable_name<'a>(comm: &'a [u8], cmdline: &'a [u8]) -> Cow<'a, str> {
     if comm.len() >= COMM_MAX {
         let first = cmdline.split(|&b| b == 0).next().unwrap_or_default();
         let base = first.rsplit(|&b| b == b'/').next().unwrap_or_default();
         if base.starts_with(comm) {
-            return String::from_utf8_lossy(base).into_owned();
+            return String::from_utf8_lossy(base);
         }
     }
-    String::from_utf8_lossy(comm).into_owned()
+    String::from_utf8_lossy(comm)
 }

@@ -274,19 +274,19 @@ pub fn parse_pid_io(bytes: &[u8]) -> Option<PidIo> {
 }
 
 /// `/proc/PID/cmdline` as the Collector shows it: arguments joined by single spaces,
-/// trailing NULs dropped, bytes that are not UTF-8 replaced by U+FFFD.
-pub fn command_line(bytes: &[u8], out: &mut String) {
-    out.clear();
+/// trailing NULs dropped, bytes that are not UTF-8 replaced by U+FFFD. One allocation of the
+/// exact size when the bytes are UTF-8.
+pub fn command_line(bytes: &[u8]) -> String {
     let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    for chunk in String::from_utf8_lossy(&bytes[..end])
-        .split('\0')
-        .enumerate()
-    {
-        if chunk.0 > 0 {
+    let text = String::from_utf8_lossy(&bytes[..end]);
+    let mut out = String::with_capacity(text.len());
+    for (i, arg) in text.split('\0').enumerate() {
+        if i > 0 {
             out.push(' ');
         }
-        out.push_str(chunk.1);
+        out.push_str(arg);
     }
+    out
 }
 
 /// The first argument of `/proc/PID/cmdline` (the command).
@@ -400,15 +400,11 @@ mod tests {
 
     #[test]
     fn command_lines_join_arguments_with_spaces() {
-        let mut out = String::new();
-        command_line(b"sh\0-c\0echo a  b\0\0", &mut out);
-        assert_eq!(out, "sh -c echo a  b");
-        command_line(b"", &mut out);
-        assert_eq!(out, "");
-        command_line(b"a\0\0b\0", &mut out);
-        assert_eq!(out, "a  b");
-        command_line(b"x\xff\0y", &mut out);
-        assert_eq!(out, "x\u{fffd} y");
+        assert_eq!(command_line(b"sh\0-c\0echo a  b\0\0"), "sh -c echo a  b");
+        assert_eq!(command_line(b""), "");
+        assert_eq!(command_line(b"\0\0"), "");
+        assert_eq!(command_line(b"a\0\0b\0"), "a  b");
+        assert_eq!(command_line(b"x\xff\0y"), "x\u{fffd} y");
         assert_eq!(command(b"/bin/sleep\x00100\x00"), "/bin/sleep");
     }
 

@@ -693,9 +693,10 @@ fn files_of_vanished_processes_are_closed() {
     let mut scrapers = Scrapers::new(&config(dir.path(), "  process: {}\n"), KERNEL);
     let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
     let first = scrapers.scrape(at(NOW_SECS));
-    // Per process with the defaults: its directory, exe link, stat, cmdline and io.
-    assert_eq!(first.open_files, 15);
-    assert_eq!(fds_under(dir.path()), 15);
+    // Per process with the defaults: its directory, stat, cmdline and io (`exe` is read
+    // through the directory, once).
+    assert_eq!(first.open_files, 12);
+    assert_eq!(fds_under(dir.path()), 12);
 
     std::fs::remove_dir_all(dir.path().join("proc/101")).unwrap();
     let second = scrapers.scrape(at(NOW_SECS + 10));
@@ -703,8 +704,8 @@ fn files_of_vanished_processes_are_closed() {
         by_pid(&second).keys().copied().collect::<Vec<_>>(),
         vec![100, 102]
     );
-    assert_eq!(second.open_files, 10);
-    assert_eq!(fds_under(dir.path()), 10);
+    assert_eq!(second.open_files, 8);
+    assert_eq!(fds_under(dir.path()), 8);
     drop(scrapers);
     assert_eq!(fds_under(dir.path()), 0);
 }
@@ -742,9 +743,9 @@ fn beyond_max_open_files_every_process_is_still_read() {
         }
     }
     assert_eq!(by_pid(&unlimited[1]).len(), 6);
-    // The directory, exe, stat, status, cmdline and io of each process; 104's io and exe
-    // are unreadable (not kept), 102 is a kernel thread (no exe).
-    assert_eq!(unlimited[1].open_files, 6 * 6 - 3);
+    // The directory, stat, status, cmdline, io and fd directory of each process; 104's io
+    // is unreadable (not kept), 102 is a kernel thread (no cmdline read).
+    assert_eq!(unlimited[1].open_files, 6 * 6 - 2);
 }
 
 /// The `hostmetrics` example of docs/configuration.md (which shows `max_open_files`) is a
@@ -766,4 +767,128 @@ fn the_configuration_reference_example_is_valid() {
         "{block}\n{:?}",
         parsed.err().map(|e| e.to_string())
     );
+}
+
+/// `process.executable.path` of PID 100 in each of `outputs`.
+fn exe_paths(outputs: &[ScrapeOutput]) -> Vec<Option<String>> {
+    outputs
+        .iter()
+        .map(|o| resource_attr(by_pid(o)[&100], "process.executable.path"))
+        .collect()
+}
+
+#[test]
+fn the_exe_link_is_read_again_when_comm_changes() {
+    for budget in ["{}", "{ max_open_files: 0 }"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Process::new(100, "app", &[]);
+        fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+        let mut scrapers = Scrapers::new(
+            &config(dir.path(), &format!("  process: {budget}\n")),
+            KERNEL,
+        );
+        let mut scrape = |s: u64| scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + s));
+        let first = scrape(0);
+
+        // Another target under the same `comm` (the binary replaced in place, or an exec of
+        // a program of the same name): not seen, the link is not read again.
+        p.exe = Some("/opt/app/bin/app".into());
+        fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+        let same_comm = scrape(10);
+
+        // An exec sets `comm` to the new program's name: the link is read again.
+        p.comm = b"app2".to_vec();
+        p.exe = Some("/usr/bin/app2".into());
+        fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+        let exec = scrape(20);
+
+        // A new process under the PID (a later start time), same `comm`: read again.
+        p.starttime += 1000;
+        p.exe = Some("/usr/local/bin/app2".into());
+        fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+        let new_process = scrape(30);
+
+        assert_eq!(
+            exe_paths(&[first, same_comm, exec, new_process]),
+            [
+                Some("/usr/bin/app"),
+                Some("/usr/bin/app"),
+                Some("/usr/bin/app2"),
+                Some("/usr/local/bin/app2"),
+            ]
+            .map(|p| p.map(String::from)),
+            "{budget}"
+        );
+    }
+}
+
+#[test]
+fn an_exe_link_that_failed_is_read_again_next_scrape() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::new(100, "app", &[]);
+    p.exe = None;
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    let mut scrapers = Scrapers::new(&config(dir.path(), "  process: {}\n"), KERNEL);
+    let first = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS));
+    assert_eq!(first.errors.count("process", Reason::Exe), 1);
+
+    // Readable now, `comm` unchanged: the failure was not kept.
+    std::fs::remove_dir(dir.path().join("proc/100/exe")).unwrap();
+    p.exe = Some("/usr/bin/app".into());
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    let second = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + 10));
+    assert!(second.errors.counts.is_empty(), "{:?}", second.errors);
+    assert_eq!(
+        exe_paths(&[first, second]),
+        [None, Some("/usr/bin/app".to_string())]
+    );
+}
+
+#[test]
+fn a_kernel_threads_cmdline_and_exe_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kthread = Process::new(100, "kworker/0:1-events_unbound", &[]);
+    kthread.comm = b"kworker/0:1-events_unbound".to_vec();
+    kthread.flags |= procfs::PF_KTHREAD;
+    // The kernel answers an empty `cmdline` for a process without memory; this one would
+    // show if it were read.
+    kthread.cmdline = b"never\0read\0".to_vec();
+    fixture::write(dir.path(), &[kthread]).unwrap();
+    let output = scrape_once(dir.path(), "  process: {}\n");
+    let rm = by_pid(&output)[&100];
+    assert_eq!(
+        resource_attr(rm, "process.command_line").as_deref(),
+        Some("")
+    );
+    assert_eq!(resource_attr(rm, "process.command").as_deref(), Some(""));
+    assert_eq!(
+        resource_attr(rm, "process.executable.name").as_deref(),
+        Some("kworker/0:1-events_unbound")
+    );
+    assert_eq!(resource_attr(rm, "process.executable.path"), None);
+    // Its directory, stat and io.
+    assert_eq!(output.open_files, 3);
+    assert!(output.errors.counts.is_empty(), "{:?}", output.errors);
+}
+
+#[test]
+fn open_file_descriptors_are_listed_afresh_through_the_kept_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::new(100, "app", &[]);
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    let config = config(
+        dir.path(),
+        "  process: { metrics: { process.open_file_descriptors: { enabled: true } } }\n",
+    );
+    let mut scrapers = Scrapers::new(&config, KERNEL);
+    let mut fds = |s: u64| {
+        let output = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + s));
+        values(by_pid(&output)[&100])["process.open_file_descriptors{}"]
+    };
+    assert_eq!(fds(0), 3.0);
+    p.fds = 7;
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    assert_eq!(fds(10), 7.0);
+    std::fs::remove_file(dir.path().join("proc/100/fd/6")).unwrap();
+    assert_eq!(fds(20), 6.0);
 }
