@@ -19,7 +19,7 @@ use crate::telemetry;
 
 pub const WINDOW: Duration = Duration::from_secs(10);
 /// Distinct series (since start) counted exactly before switching to a HyperLogLog estimate;
-/// at that size the map holds 2^20 buckets of 17 bytes, about 17 MiB per pipeline.
+/// at that size the table holds 2^20 buckets of 9 bytes, about 9 MiB per pipeline.
 pub const EXACT_SERIES_LIMIT: usize = 500_000;
 const HLL_PRECISION: u8 = 14; // 16 KiB of registers, ~0.8% standard error
 
