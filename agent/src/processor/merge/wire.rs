@@ -23,27 +23,20 @@ use prost::Message;
 use super::{
     hash_scalar, AddContext, Aggregator, Fp, FpHasher, Kind, Num, NumberParts, Projection, Scalar,
 };
-use crate::otlp::rewrite::{KeyValueRef, Span, Spans, Value, WT_I64, WT_LEN, WT_VARINT};
+use crate::otlp::rewrite::{
+    KeyValueRef, Span, Spans, Value, DATA_POINTS, METRIC_EXPONENTIAL_HISTOGRAM, METRIC_GAUGE,
+    METRIC_HISTOGRAM, METRIC_NAME, METRIC_SUM, METRIC_SUMMARY, REQUEST_RESOURCE_METRICS,
+    RESOURCE_ATTRIBUTES, RESOURCE_METRICS_RESOURCE, RESOURCE_METRICS_SCOPE_METRICS,
+    SCOPE_METRICS_METRICS, WT_I64, WT_LEN, WT_VARINT,
+};
 use crate::otlp::wire::WireError;
 
-// Field numbers from opentelemetry/proto/{collector/metrics,metrics,resource,common}/v1.
-const REQUEST_RESOURCE_METRICS: u32 = 1;
-const RESOURCE_METRICS_RESOURCE: u32 = 1;
-const RESOURCE_METRICS_SCOPE_METRICS: u32 = 2;
-const RESOURCE_ATTRIBUTES: u32 = 1;
+// Field numbers from opentelemetry/proto/{metrics,common}/v1 that `rewrite` does not name.
 const SCOPE_METRICS_SCOPE: u32 = 1;
-const SCOPE_METRICS_METRICS: u32 = 2;
 const SCOPE_NAME: u32 = 1;
 const SCOPE_VERSION: u32 = 2;
-const METRIC_NAME: u32 = 1;
 const METRIC_DESCRIPTION: u32 = 2;
 const METRIC_UNIT: u32 = 3;
-const METRIC_GAUGE: u32 = 5;
-const METRIC_SUM: u32 = 7;
-const METRIC_HISTOGRAM: u32 = 9;
-const METRIC_EXPONENTIAL_HISTOGRAM: u32 = 10;
-const METRIC_SUMMARY: u32 = 11;
-const DATA_POINTS: u32 = 1;
 const SUM_TEMPORALITY: u32 = 2;
 const SUM_MONOTONIC: u32 = 3;
 const POINT_START_TIME: u32 = 2;
