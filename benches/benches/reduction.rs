@@ -9,7 +9,8 @@
 use std::alloc::System;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use phoenix_agent::otlp::{ExportMetricsServiceRequest, Payload};
 use phoenix_agent::processor::Processor;
 use phoenix_bench::{build_processor, ProcessWorkload};
@@ -42,11 +43,11 @@ fn rounds(hosts: usize, count: usize) -> Vec<ExportMetricsServiceRequest> {
 }
 
 /// Feeds `input` once, closing a window after each request when the processor has one.
-fn feed(processor: &mut Box<dyn Processor>, input: &[ExportMetricsServiceRequest]) {
+fn feed(processor: &mut Box<dyn Processor>, input: &[Payload]) {
     let mut out = Vec::new();
-    for request in input {
+    for payload in input {
         processor
-            .process(Payload::Decoded(request.clone()), &mut out)
+            .process(payload.clone(), &mut out)
             .expect("processes");
         if let Some(deadline) = processor.deadline() {
             processor.on_deadline(deadline, &mut out);
@@ -65,6 +66,33 @@ fn retained<T>(work: impl FnOnce() -> T) -> (T, i64) {
     (kept, net)
 }
 
+/// Times `processor` on `inputs` in turn, after the first five have filled its windows; each
+/// payload is copied outside the timing.
+fn bench_batches(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    processor: &mut Box<dyn Processor>,
+    inputs: &[Payload],
+) {
+    feed(processor, &inputs[..5]);
+    let mut out = Vec::new();
+    let mut next = 5;
+    group.bench_function(id, |b| {
+        b.iter_custom(|iterations| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iterations {
+                let payload = inputs[next % inputs.len()].clone();
+                next += 1;
+                let started = Instant::now();
+                processor.process(payload, &mut out).expect("processes");
+                spent += started.elapsed();
+                out.clear();
+            }
+            spent
+        })
+    });
+}
+
 fn reduction(c: &mut Criterion) {
     let node = rounds(1, 40);
     let points = phoenix_agent::otlp::data_points(&node[0]);
@@ -74,68 +102,28 @@ fn reduction(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Elements(points));
+    let decoded: Vec<Payload> = node.iter().cloned().map(Payload::Decoded).collect();
     for (id, yaml) in CASES {
         let mut processor = build_processor(id, yaml).expect("valid config");
-        feed(&mut processor, &node[..5]);
-        let mut out = Vec::new();
-        let mut next = 5;
-        group.bench_function(*id, |b| {
-            b.iter_custom(|iterations| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iterations {
-                    let request = Payload::Decoded(node[next % node.len()].clone());
-                    next += 1;
-                    let started = Instant::now();
-                    processor.process(request, &mut out).expect("processes");
-                    spent += started.elapsed();
-                    out.clear();
-                }
-                spent
-            })
-        });
+        bench_batches(&mut group, id, &mut processor, &decoded);
     }
     // The same processors on encoded input, as a pipeline hands them a received request:
     // classify and aggregate work on the bytes without decoding them.
-    let encoded: Vec<(bytes::Bytes, u64)> = node
+    let encoded: Vec<Payload> = node
         .iter()
-        .map(|r| {
-            (
-                prost::Message::encode_to_vec(r).into(),
-                phoenix_agent::otlp::data_points(r),
-            )
+        .map(|r| Payload::Encoded {
+            bytes: prost::Message::encode_to_vec(r).into(),
+            data_points: phoenix_agent::otlp::data_points(r),
         })
         .collect();
     for (id, yaml) in CASES.iter().take(2) {
         let mut processor = build_processor(id, yaml).expect("valid config");
-        for (bytes, data_points) in &encoded[..5] {
-            let payload = Payload::Encoded {
-                bytes: bytes.clone(),
-                data_points: *data_points,
-            };
-            processor
-                .process(payload, &mut Vec::new())
-                .expect("processes");
-        }
-        let mut out = Vec::new();
-        let mut next = 5;
-        group.bench_function(format!("{id}/encoded"), |b| {
-            b.iter_custom(|iterations| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iterations {
-                    let (bytes, data_points) = &encoded[next % encoded.len()];
-                    let request = Payload::Encoded {
-                        bytes: bytes.clone(),
-                        data_points: *data_points,
-                    };
-                    next += 1;
-                    let started = Instant::now();
-                    processor.process(request, &mut out).expect("processes");
-                    spent += started.elapsed();
-                    out.clear();
-                }
-                spent
-            })
-        });
+        bench_batches(
+            &mut group,
+            &format!("{id}/encoded"),
+            &mut processor,
+            &encoded,
+        );
     }
     // deltatocumulative needs delta input: the workload through cumulativetodelta.
     let mut to_delta = build_processor("cumulativetodelta", "{}").expect("valid config");
@@ -149,24 +137,9 @@ fn reduction(c: &mut Criterion) {
             deltas.push(payload.into_request().expect("decodes"));
         }
     }
+    let deltas: Vec<Payload> = deltas.into_iter().map(Payload::Decoded).collect();
     let mut to_cumulative = build_processor("deltatocumulative", "{}").expect("valid config");
-    feed(&mut to_cumulative, &deltas[..5]);
-    let mut out = Vec::new();
-    let mut next = 5;
-    group.bench_function("deltatocumulative", |b| {
-        b.iter_custom(|iterations| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iterations {
-                let request = Payload::Decoded(deltas[next % deltas.len()].clone());
-                next += 1;
-                let started = Instant::now();
-                to_cumulative.process(request, &mut out).expect("processes");
-                spent += started.elapsed();
-                out.clear();
-            }
-            spent
-        })
-    });
+    bench_batches(&mut group, "deltatocumulative", &mut to_cumulative, &deltas);
     group.finish();
 
     // Memory per input series: one pass over a 20-host fleet (54,000 input series).

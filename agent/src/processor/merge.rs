@@ -317,14 +317,6 @@ impl Fingerprinter {
         })
     }
 
-    /// One attribute's share of [`Fingerprinter::attributes`], for a scalar value.
-    fn scalar_attribute(&self, key: &str, value: Scalar<'_>) -> Fp {
-        self.of(|h| {
-            key.hash(h);
-            hash_scalar(h, value);
-        })
-    }
-
     fn scope(&self, name: &str, version: &str) -> Fp {
         self.of(|h| {
             name.hash(h);

@@ -610,9 +610,6 @@ impl Aggregator {
         let kv = KeyValueRef::parse(encoded)?;
         let key = utf8(kv.key)?;
         let value = kv.value()?;
-        if let Some(scalar) = scalar(value)? {
-            return Ok(self.fingerprints.scalar_attribute(key, scalar));
-        }
         let mut result = Ok(());
         let fp = self.fingerprints.of(|h| {
             key.hash(h);
@@ -620,20 +617,6 @@ impl Aggregator {
         });
         result.map(|()| fp)
     }
-}
-
-/// A scalar value as [`Scalar`]; `None` for arrays and maps.
-fn scalar(value: Value<'_>) -> Result<Option<Scalar<'_>>, Fallback> {
-    Ok(Some(match value {
-        Value::Empty => Scalar::Empty,
-        Value::String(s) => Scalar::Str(utf8(s)?),
-        Value::Bool(b) => Scalar::Bool(b),
-        Value::Int(i) => Scalar::Int(i),
-        Value::Double(d) => Scalar::Double(d),
-        Value::Bytes(b) => Scalar::Bytes(b),
-        Value::StringStrindex(i) => Scalar::Strindex(i),
-        Value::Array(_) | Value::Kvlist(_) => return Ok(None),
-    }))
 }
 
 fn len_body<'a>(field: &Span<'a>) -> Result<&'a [u8], Fallback> {
