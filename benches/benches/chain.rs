@@ -47,6 +47,20 @@ fn chain(c: &mut Criterion) {
     group.bench_function("candidate", |b| {
         b.iter(|| candidate.process(fresh()).expect("processes"))
     });
+    // The candidate of the end-to-end bench (benches/e2e/candidate.yaml): no batch processor,
+    // so the attributes processor is last and meters what it writes; and the same with the
+    // meter walking the output instead.
+    let e2e = &CANDIDATE[..2];
+    let mut candidate = Pipeline::new("candidate", e2e).expect("valid");
+    group.bench_function("e2e_candidate", |b| {
+        b.iter(|| candidate.process(fresh()).expect("processes"))
+    });
+    let mut candidate = Pipeline::new("candidate", e2e)
+        .expect("valid")
+        .meter_by_walking();
+    group.bench_function("e2e_candidate_meter_walks", |b| {
+        b.iter(|| candidate.process(fresh()).expect("processes"))
+    });
     let mut baseline = Pipeline::new("baseline", &[("batch", configs::BATCH)]).expect("valid");
     let mut candidate = Pipeline::new("candidate", CANDIDATE).expect("valid");
     group.bench_function("baseline+candidate", |b| {

@@ -26,7 +26,7 @@ use phoenix_agent::config::ComponentId;
 use phoenix_agent::otlp::wire::{self, AttributeIter, Visitor};
 use phoenix_agent::otlp::{Batch, ExportMetricsServiceRequest, Payload};
 use phoenix_agent::processor::{self, Processor};
-use phoenix_agent::stats::VolumeMeter;
+use phoenix_agent::stats::{SeriesSink, VolumeMeter};
 use prost::Message;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -670,6 +670,8 @@ pub fn build_processor(id: &str, yaml: &str) -> Result<Box<dyn Processor>> {
 pub struct Pipeline {
     stages: Vec<Box<dyn Processor>>,
     meter: VolumeMeter,
+    /// Whether the last processor may meter what it writes, as in the agent.
+    premeter: bool,
     /// Data points and bytes that left the pipeline.
     pub emitted_points: u64,
     pub emitted_bytes: u64,
@@ -685,15 +687,29 @@ impl Pipeline {
         Ok(Self {
             stages,
             meter: VolumeMeter::new(name),
+            premeter: true,
             emitted_points: 0,
             emitted_bytes: 0,
         })
     }
 
+    /// The meter walks everything that leaves the pipeline, as it did before the last
+    /// processor could meter what it writes: the reference for what that saves.
+    pub fn meter_by_walking(mut self) -> Self {
+        self.premeter = false;
+        self
+    }
+
     /// Runs one shared batch through the processors and meters the output.
     pub fn process(&mut self, batch: Arc<Batch>) -> Result<()> {
-        let payloads = run_stages(&mut self.stages, vec![Payload::Shared(batch)])?;
-        self.emit(payloads);
+        let series = if self.premeter {
+            self.meter.series_sink()
+        } else {
+            None
+        };
+        let (payloads, premetered) =
+            run_stages(&mut self.stages, vec![Payload::Shared(batch)], series)?;
+        self.emit(payloads, premetered);
         Ok(())
     }
 
@@ -702,40 +718,56 @@ impl Pipeline {
         for i in 0..self.stages.len() {
             let mut out = Vec::new();
             self.stages[i].flush(&mut out);
-            let out = run_stages(&mut self.stages[i + 1..], out)?;
-            self.emit(out);
+            let (out, _) = run_stages(&mut self.stages[i + 1..], out, None)?;
+            self.emit(out, false);
         }
         Ok(())
     }
 
-    fn emit(&mut self, payloads: Vec<Payload>) {
+    fn emit(&mut self, payloads: Vec<Payload>, premetered: bool) {
+        let premetered = premetered && payloads.len() == 1;
         for payload in payloads {
             let points = payload.data_points();
             let bytes = payload.into_bytes();
-            self.meter.observe(&bytes, points);
+            if premetered {
+                self.meter.observe_premetered(bytes.len(), points);
+            } else {
+                self.meter.observe(&bytes, points);
+            }
             self.emitted_points += points;
             self.emitted_bytes += bytes.len() as u64;
         }
     }
 }
 
+/// As the agent's pipeline runner: the last processor may meter the one payload it writes.
 fn run_stages(
     stages: &mut [Box<dyn Processor>],
     mut payloads: Vec<Payload>,
-) -> Result<Vec<Payload>> {
-    for stage in stages {
+    mut series: Option<SeriesSink<'_>>,
+) -> Result<(Vec<Payload>, bool)> {
+    let mut premetered = false;
+    let last = stages.len().checked_sub(1);
+    for (i, stage) in stages.iter_mut().enumerate() {
         if payloads.is_empty() {
             break;
         }
+        let mut sink = match series.as_mut() {
+            Some(sink) if Some(i) == last && payloads.len() == 1 => Some(sink),
+            _ => None,
+        };
         let mut next = Vec::with_capacity(payloads.len());
         for payload in payloads {
-            stage
-                .process(payload, &mut next)
-                .context("processor failed")?;
+            premetered = match sink.as_deref_mut() {
+                Some(sink) => stage.process_metered(payload, &mut next, sink),
+                None => stage.process(payload, &mut next).map(|()| false),
+            }
+            .context("processor failed")?;
         }
         payloads = next;
     }
-    Ok(payloads)
+    let premetered = premetered && payloads.len() == 1;
+    Ok((payloads, premetered))
 }
 
 // ---- what the sink counts ----

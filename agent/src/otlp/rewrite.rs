@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use prost::Message;
 
-use super::wire::{read_varint, WireError};
+use super::wire::{self, read_varint, AttributeIter, Visitor, WireError};
 use super::Payload;
 
 pub const WT_VARINT: u8 = 0;
@@ -43,6 +43,7 @@ pub const REQUEST_RESOURCE_METRICS: u32 = 1;
 pub const RESOURCE_METRICS_RESOURCE: u32 = 1;
 pub const RESOURCE_METRICS_SCOPE_METRICS: u32 = 2;
 pub const RESOURCE_ATTRIBUTES: u32 = 1;
+pub const SCOPE_METRICS_SCOPE: u32 = 1;
 pub const SCOPE_METRICS_METRICS: u32 = 2;
 pub const METRIC_NAME: u32 = 1;
 pub const METRIC_GAUGE: u32 = 5;
@@ -753,6 +754,14 @@ pub trait Edit {
     /// Decides one metric by its name.
     fn metric(&mut self, resource: Self::Resource, name: &str) -> MetricEdit<Self::Point>;
 
+    /// Whether anything in a `ScopeMetrics` under a resource the walk goes into may change,
+    /// judged from its encoded body alone. An edit that can tell from the bytes that nothing
+    /// does (no point holds a key it acts on, say) returns false, and the scope is kept whole,
+    /// as received, without its metrics being walked ([`Self::PRUNE`] does not apply to it).
+    fn may_change_scope(&mut self, _resource: Self::Resource, _scope_metrics: &[u8]) -> bool {
+        true
+    }
+
     /// Decides one data point by its attributes.
     fn point(
         &mut self,
@@ -802,11 +811,37 @@ pub fn rewrite<E: Edit>(
     data_points: u64,
     edit: &mut E,
 ) -> Result<Rewritten, WireError> {
+    rewrite_observed(input, data_points, edit, None::<&mut Unobserved>).map(|(r, _)| r)
+}
+
+/// The observer of a rewrite nobody observes.
+pub struct Unobserved;
+
+impl Visitor for Unobserved {}
+
+/// [`rewrite`], also telling `observer` about the output as [`wire::walk`] would if it walked
+/// it: a rewrite and a walk of its output in one pass. Returns whether the observer saw all of
+/// it; it stops at the first part it cannot read (which the rewrite itself may not need to),
+/// and the caller then walks the output instead.
+///
+/// What it sees of each data point of the output is exact. It may be told of a resource,
+/// scope or metric that is then pruned, with no points, which a walk of the output would not
+/// report. Visitors with [`Visitor::DETAIL`] are not supported.
+pub fn rewrite_observed<E: Edit, V: Visitor>(
+    input: &[u8],
+    data_points: u64,
+    edit: &mut E,
+    observer: Option<&mut V>,
+) -> Result<(Rewritten, bool), WireError> {
+    const { assert!(!V::DETAIL, "the walk does not report metric data") };
     let mut walk = Walk {
         rw: Rewriter::new(input),
         input,
         edit,
         dropped_points: 0,
+        observed: observer.is_some(),
+        observer,
+        kept: Vec::new(),
     };
     let mut resources = 0;
     for field in Spans::new(input) {
@@ -819,37 +854,118 @@ pub fn rewrite<E: Edit>(
             resources += 1;
         }
     }
-    let dropped_points = walk.dropped_points;
-    Ok(Rewritten {
+    let (dropped_points, observed) = (walk.dropped_points, walk.observed);
+    let rewritten = Rewritten {
         bytes: walk.rw.finish()?,
         data_points: data_points.saturating_sub(dropped_points),
         resources,
-    })
+    };
+    Ok((rewritten, observed))
 }
 
 /// One rewrite under way.
-struct Walk<'a, 'e, E> {
+struct Walk<'a, 'e, E, V> {
     rw: Rewriter<'a>,
     input: &'a [u8],
     edit: &'e mut E,
     /// Data points in what was left out so far.
     dropped_points: u64,
+    /// Told about the output as it is written; `None` once it could not be.
+    observer: Option<&'e mut V>,
+    /// Whether the observer saw everything so far.
+    observed: bool,
+    /// The attributes kept of the message being filtered, or the resource being rewritten,
+    /// for the observer.
+    kept: Vec<u8>,
 }
 
-impl<E: Edit> Walk<'_, '_, E> {
+impl<E: Edit, V: Visitor> Walk<'_, '_, E, V> {
+    /// Stops observing after a part of the input the observer could not read.
+    fn observation<T>(&mut self, result: Result<T, WireError>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(_) => {
+                self.observer = None;
+                self.observed = false;
+                None
+            }
+        }
+    }
+
+    /// Tells the observer the resource of a `ResourceMetrics` the walk goes into, as the
+    /// output will have it (a walk of the output reads the last `resource` field).
+    fn observe_resource(
+        &mut self,
+        resource: Option<&[u8]>,
+        last: Option<&[u8]>,
+        rewrite: bool,
+        filter: bool,
+    ) -> Result<(), WireError> {
+        let Some(observer) = self.observer.as_deref_mut() else {
+            return Ok(());
+        };
+        if !rewrite && !filter {
+            observer.resource(last.unwrap_or_default());
+            return Ok(());
+        }
+        self.kept.clear();
+        if rewrite {
+            self.edit.write_resource(resource, &mut self.kept)?;
+        } else if let Some(last) = last {
+            for field in Spans::new(last) {
+                let field = field?;
+                if field.number == RESOURCE_ATTRIBUTES {
+                    field.expect_len()?;
+                    let attribute = KeyValueRef::parse(field.body)?;
+                    if !self.edit.keep_attribute(true, attribute)? {
+                        continue;
+                    }
+                }
+                let raw = last.get(field.start..field.end).ok_or(INTERNAL)?;
+                self.kept.extend_from_slice(raw);
+            }
+        }
+        observer.resource(&self.kept);
+        Ok(())
+    }
+
+    /// Tells the observer the scope of a `ScopeMetrics` the walk goes into.
+    fn observe_scope(&mut self, sm: &Span<'_>) -> Result<(), WireError> {
+        let Some(observer) = self.observer.as_deref_mut() else {
+            return Ok(());
+        };
+        let mut scope: &[u8] = &[];
+        for field in Spans::within(self.input, sm) {
+            let field = field?;
+            if field.number == SCOPE_METRICS_SCOPE {
+                field.expect_len()?;
+                scope = field.body;
+            }
+        }
+        observer.scope(scope);
+        Ok(())
+    }
+
     /// Whether the `ResourceMetrics` stays.
     fn resource_metrics(&mut self, rm: &Span<'_>) -> Result<bool, WireError> {
         let input = self.input;
         // The resource may follow the scopes on the wire: find it first. A resource sent in
         // several fields is one resource to a decoder, their concatenation.
         let mut first: Option<Span<'_>> = None;
+        let mut last: Option<&[u8]> = None;
         let mut several = false;
+        // Whether every resource field comes before every scope, as encoders write them.
+        let (mut resources_lead, mut scope_seen) = (true, false);
         for field in Spans::within(input, rm) {
             let field = field?;
             if field.number == RESOURCE_METRICS_RESOURCE {
                 field.expect_len()?;
                 several |= first.is_some();
                 first.get_or_insert(field);
+                last = Some(field.body);
+                resources_lead &= !scope_seen;
+            } else if field.number == RESOURCE_METRICS_SCOPE_METRICS {
+                scope_seen = true;
             }
         }
         let merged: Vec<u8>;
@@ -882,7 +998,22 @@ impl<E: Edit> Walk<'_, '_, E> {
         let descend = self.edit.descends(state);
         if !descend && !rewrite_resource && !filter_attributes {
             // Nothing in it can change: it goes with the next run of input.
+            if let Some(observer) = self.observer.as_deref_mut() {
+                let observed = wire::walk_resource_metrics(rm.body, observer);
+                self.observation(observed);
+            }
             return Ok(true);
+        }
+        // A resource that changes is shown to the observer as the walk writes it, unless the
+        // scopes come first; then it is worked out before.
+        let observe_in_place = self.observer.is_some()
+            && resources_lead
+            && first.is_some()
+            && (rewrite_resource || filter_attributes);
+        if self.observer.is_some() && !observe_in_place {
+            let observed =
+                self.observe_resource(resource, last, rewrite_resource, filter_attributes);
+            self.observation(observed);
         }
         self.rw.enter(rm);
         if rewrite_resource && first.is_none() {
@@ -903,21 +1034,42 @@ impl<E: Edit> Walk<'_, '_, E> {
                         continue;
                     }
                     let out = self.rw.replace_field(&field)?;
+                    let at = out.len();
                     let expected_len = resource.map_or(0, <[u8]>::len);
                     let placeholder = begin_message(out, RESOURCE_METRICS_RESOURCE, expected_len);
                     self.edit.write_resource(resource, out)?;
                     end_message(out, placeholder)?;
                     resource_written = true;
+                    if let (true, Some(observer)) = (observe_in_place, self.observer.as_deref_mut())
+                    {
+                        let written = out.get(at..).ok_or(INTERNAL)?;
+                        let resource = Spans::new(written).next().ok_or(INTERNAL)??;
+                        observer.resource(resource.body);
+                    }
                 }
                 // Several resource fields are filtered one by one: keeping a subset of each
                 // is keeping a subset of their concatenation.
                 RESOURCE_METRICS_RESOURCE if filter_attributes => {
-                    self.filter_attributes(&field, RESOURCE_ATTRIBUTES, true)?;
+                    self.filter_attributes(&field, RESOURCE_ATTRIBUTES, true, observe_in_place)?;
+                    // Of several, the last one read is what a walk of the output reads.
+                    if let (true, Some(observer)) = (observe_in_place, self.observer.as_deref_mut())
+                    {
+                        observer.resource(&self.kept);
+                    }
                 }
                 RESOURCE_METRICS_SCOPE_METRICS if descend => {
                     field.expect_len()?;
                     if self.scope_metrics(&field, state)? {
                         scopes += 1;
+                    }
+                }
+                // Kept whole under a resource that changed.
+                RESOURCE_METRICS_SCOPE_METRICS => {
+                    if let Some(observer) = self.observer.as_deref_mut() {
+                        let observed = field
+                            .expect_len()
+                            .and_then(|()| wire::walk_scope_metrics(field.body, observer));
+                        self.observation(observed);
                     }
                 }
                 _ => {}
@@ -934,6 +1086,18 @@ impl<E: Edit> Walk<'_, '_, E> {
     /// Whether the `ScopeMetrics` stays.
     fn scope_metrics(&mut self, sm: &Span<'_>, resource: E::Resource) -> Result<bool, WireError> {
         let input = self.input;
+        if !self.edit.may_change_scope(resource, sm.body) {
+            // It goes with the next run of input.
+            if let Some(observer) = self.observer.as_deref_mut() {
+                let observed = wire::walk_scope_metrics(sm.body, observer);
+                self.observation(observed);
+            }
+            return Ok(true);
+        }
+        if self.observer.is_some() {
+            let observed = self.observe_scope(sm);
+            self.observation(observed);
+        }
         self.rw.enter(sm);
         let mut metrics = 0;
         for field in Spans::within(input, sm) {
@@ -968,7 +1132,20 @@ impl<E: Edit> Walk<'_, '_, E> {
                 }
             }
         }
-        let rule = match self.edit.metric(resource, name) {
+        let decision = self.edit.metric(resource, name);
+        // A walk of the output reports the points of the last data field only.
+        let mut observed_data = None;
+        if self.observer.is_some() {
+            let observed = match &decision {
+                MetricEdit::Drop => Ok(()),
+                MetricEdit::KeepAll => self.observe_whole_metric(metric),
+                MetricEdit::PerPoint(_) => self
+                    .observe_metric(metric)
+                    .map(|last_data| observed_data = last_data),
+            };
+            self.observation(observed);
+        }
+        let rule = match decision {
             MetricEdit::Drop => {
                 self.dropped_points += metric_points(input, metric)?;
                 self.rw.drop_field(metric)?;
@@ -978,8 +1155,10 @@ impl<E: Edit> Walk<'_, '_, E> {
             MetricEdit::PerPoint(rule) => Some(rule),
         };
         let kept = match rule {
-            // Nothing inside a metric kept whole is written: it needs no frame of its own.
-            None => metric_points(input, metric)?,
+            // Nothing inside a metric kept whole is written: it needs no frame of its own. Its
+            // points are counted only to prune it if it has none.
+            None if E::PRUNE => metric_points(input, metric)?,
+            None => 1,
             Some(rule) => {
                 self.rw.enter(metric);
                 let mut kept = 0;
@@ -990,7 +1169,8 @@ impl<E: Edit> Walk<'_, '_, E> {
                         continue;
                     }
                     field.expect_len()?;
-                    let points = self.data(&field, rule)?;
+                    let observe = observed_data == Some(field.start);
+                    let points = self.data(&field, rule, observe)?;
                     kept = if last_data == Some(field.number) {
                         kept + points
                     } else {
@@ -1013,8 +1193,38 @@ impl<E: Edit> Walk<'_, '_, E> {
         Ok(!pruned)
     }
 
-    /// Data points kept in one metric data field (gauge, sum...).
-    fn data(&mut self, data: &Span<'_>, rule: E::Point) -> Result<u64, WireError> {
+    /// Tells the observer about a metric kept whole.
+    fn observe_whole_metric(&mut self, metric: &Span<'_>) -> Result<(), WireError> {
+        match self.observer.as_deref_mut() {
+            Some(observer) => wire::walk_metric(metric.body, observer),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the observer about a metric the walk goes into, returning where its last data
+    /// field starts: the one whose points the observer is to see.
+    fn observe_metric(&mut self, metric: &Span<'_>) -> Result<Option<usize>, WireError> {
+        let Some(observer) = self.observer.as_deref_mut() else {
+            return Ok(None);
+        };
+        let mut name = "";
+        let mut last_data = None;
+        for field in Spans::within(self.input, metric) {
+            let field = field?;
+            if field.number == METRIC_NAME {
+                field.expect_len()?;
+                name = std::str::from_utf8(field.body).map_err(|_| WireError::NameNotUtf8)?;
+            } else if is_metric_data(field.number) {
+                last_data = Some(field.start);
+            }
+        }
+        observer.metric(name);
+        Ok(last_data)
+    }
+
+    /// Data points kept in one metric data field (gauge, sum...); `observe`: whether the
+    /// observer is told about them.
+    fn data(&mut self, data: &Span<'_>, rule: E::Point, observe: bool) -> Result<u64, WireError> {
         let input = self.input;
         let attribute_field = attribute_field(data.number);
         self.rw.enter(data);
@@ -1027,22 +1237,37 @@ impl<E: Edit> Walk<'_, '_, E> {
             field.expect_len()?;
             let attributes = Attributes::new(field.body, attribute_field);
             match self.edit.point(rule, attributes)? {
-                PointEdit::Keep => kept += 1,
+                PointEdit::Keep => {
+                    kept += 1;
+                    if let (true, Some(observer)) = (observe, self.observer.as_deref_mut()) {
+                        observer.data_point(AttributeIter::new(field.body, attribute_field));
+                    }
+                }
                 PointEdit::Drop => {
                     self.dropped_points += 1;
                     self.rw.drop_field(&field)?;
                 }
                 PointEdit::Rewrite => {
                     let out = self.rw.replace_field(&field)?;
+                    let at = out.len();
                     let placeholder = begin_message(out, DATA_POINTS, field.body.len());
                     self.edit
                         .write_point(rule, field.body, attribute_field, out)?;
                     end_message(out, placeholder)?;
                     kept += 1;
+                    if let (true, Some(observer)) = (observe, self.observer.as_deref_mut()) {
+                        let written = out.get(at..).ok_or(INTERNAL)?;
+                        let point = Spans::new(written).next().ok_or(INTERNAL)??;
+                        observer.data_point(AttributeIter::new(point.body, attribute_field));
+                    }
                 }
                 PointEdit::FilterAttributes => {
-                    self.filter_attributes(&field, attribute_field, false)?;
+                    let observe = observe && self.observer.is_some();
+                    self.filter_attributes(&field, attribute_field, false, observe)?;
                     kept += 1;
+                    if let (true, Some(observer)) = (observe, self.observer.as_deref_mut()) {
+                        observer.data_point(AttributeIter::new(&self.kept, attribute_field));
+                    }
                 }
             }
         }
@@ -1052,14 +1277,19 @@ impl<E: Edit> Walk<'_, '_, E> {
     }
 
     /// Leaves out of `message` the attributes (fields numbered `attribute_field`) that
-    /// [`Edit::keep_attribute`] refuses; nothing is written if it keeps them all.
+    /// [`Edit::keep_attribute`] refuses; nothing is written if it keeps them all. `collect`:
+    /// also gather the kept ones in `self.kept`, for the observer.
     fn filter_attributes(
         &mut self,
         message: &Span<'_>,
         attribute_field: u32,
         on_resource: bool,
+        collect: bool,
     ) -> Result<(), WireError> {
         let input = self.input;
+        if collect {
+            self.kept.clear();
+        }
         // Most messages keep every attribute: the frame is entered at the first one to go.
         let mut entered = false;
         for field in Spans::within(input, message) {
@@ -1068,10 +1298,15 @@ impl<E: Edit> Walk<'_, '_, E> {
                 continue;
             }
             field.expect_len()?;
-            if !self
+            if self
                 .edit
                 .keep_attribute(on_resource, KeyValueRef::parse(field.body)?)?
             {
+                if collect {
+                    let raw = input.get(field.start..field.end).ok_or(INTERNAL)?;
+                    self.kept.extend_from_slice(raw);
+                }
+            } else {
                 if !entered {
                     self.rw.enter(message);
                     entered = true;
@@ -1148,6 +1383,15 @@ pub struct Output {
 /// batch stays shared, no copy); a decoded one is encoded once first. The payload's data
 /// point count is taken as exact: receivers count with [`super::wire::count`].
 pub fn rewrite_payload<E: Edit>(input: Payload, edit: &mut E) -> Result<Output, WireError> {
+    rewrite_payload_observed(input, edit, None::<&mut Unobserved>).map(|(output, _)| output)
+}
+
+/// [`rewrite_payload`] with an observer of its output, as in [`rewrite_observed`].
+pub fn rewrite_payload_observed<E: Edit, V: Visitor>(
+    input: Payload,
+    edit: &mut E,
+    observer: Option<&mut V>,
+) -> Result<(Output, bool), WireError> {
     let encoded = match &input {
         Payload::Decoded(request) => Some(Bytes::from(request.encode_to_vec())),
         Payload::Shared(_) | Payload::Encoded { .. } => None,
@@ -1159,8 +1403,9 @@ pub fn rewrite_payload<E: Edit>(input: Payload, edit: &mut E) -> Result<Output, 
             (Payload::Encoded { bytes, .. }, None) => bytes,
             (Payload::Decoded(_), None) => &[],
         };
-        rewrite(bytes, input.data_points(), edit)?
+        rewrite_observed(bytes, input.data_points(), edit, observer)?
     };
+    let (result, observed) = result;
     let payload = match (result.bytes, encoded) {
         (Some(bytes), _) => Payload::Encoded {
             bytes: Bytes::from(bytes),
@@ -1172,10 +1417,11 @@ pub fn rewrite_payload<E: Edit>(input: Payload, edit: &mut E) -> Result<Output, 
         },
         (None, None) => input,
     };
-    Ok(Output {
+    let output = Output {
         payload,
         resources: result.resources,
-    })
+    };
+    Ok((output, observed))
 }
 
 #[cfg(test)]

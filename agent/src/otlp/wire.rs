@@ -195,6 +195,16 @@ pub struct AttributeIter<'a> {
 }
 
 impl<'a> AttributeIter<'a> {
+    /// The attributes of `point`, an encoded data point (or any message) holding them as
+    /// the fields numbered `attribute_field`.
+    pub(crate) fn new(point: &'a [u8], attribute_field: u32) -> Self {
+        Self {
+            fields: Fields::new(point),
+            point,
+            attribute_field,
+        }
+    }
+
     /// The whole encoded data point.
     pub fn point(&self) -> &'a [u8] {
         self.point
@@ -299,7 +309,11 @@ pub fn walk(request: &[u8], visitor: &mut impl Visitor) -> Result<(), WireError>
     Ok(())
 }
 
-fn walk_resource_metrics<V: Visitor>(bytes: &[u8], visitor: &mut V) -> Result<(), WireError> {
+/// Walks the body of one `ResourceMetrics`.
+pub(crate) fn walk_resource_metrics<V: Visitor>(
+    bytes: &[u8],
+    visitor: &mut V,
+) -> Result<(), WireError> {
     // The resource may follow its scopes on the wire; find it first so that every scope is
     // reported under the right resource.
     let mut resource: &[u8] = &[];
@@ -323,7 +337,11 @@ fn walk_resource_metrics<V: Visitor>(bytes: &[u8], visitor: &mut V) -> Result<()
     Ok(())
 }
 
-fn walk_scope_metrics(bytes: &[u8], visitor: &mut impl Visitor) -> Result<(), WireError> {
+/// Walks the body of one `ScopeMetrics`.
+pub(crate) fn walk_scope_metrics(
+    bytes: &[u8],
+    visitor: &mut impl Visitor,
+) -> Result<(), WireError> {
     let mut scope: &[u8] = &[];
     for field in Fields::new(bytes) {
         let field = field?;
@@ -342,7 +360,8 @@ fn walk_scope_metrics(bytes: &[u8], visitor: &mut impl Visitor) -> Result<(), Wi
     Ok(())
 }
 
-fn walk_metric<V: Visitor>(bytes: &[u8], visitor: &mut V) -> Result<(), WireError> {
+/// Walks the body of one `Metric`.
+pub(crate) fn walk_metric<V: Visitor>(bytes: &[u8], visitor: &mut V) -> Result<(), WireError> {
     let mut name = "";
     let mut data: Option<Field<'_>> = None;
     for field in Fields::new(bytes) {

@@ -14,7 +14,7 @@ use crate::exporter::{ExportItem, ExporterHandle};
 use crate::otlp::{Batch, Payload};
 use crate::processor::Processor;
 use crate::stats::meter::MeterConfig;
-use crate::stats::VolumeMeter;
+use crate::stats::{SeriesSink, VolumeMeter};
 use crate::telemetry;
 
 pub struct Stage {
@@ -38,27 +38,48 @@ impl Stage {
     }
 }
 
-/// Runs `payloads` through `stages`, returning what leaves the last one.
-fn run_stages(stages: &mut [Stage], mut payloads: Vec<Payload>) -> Vec<Payload> {
-    for stage in stages {
+/// Runs `payloads` through `stages`, returning what leaves the last one, and whether the last
+/// processor put the series of the one payload it wrote into `series` (see
+/// [`Processor::process_metered`](crate::processor::Processor::process_metered)).
+fn run_stages(
+    stages: &mut [Stage],
+    mut payloads: Vec<Payload>,
+    mut series: Option<SeriesSink<'_>>,
+) -> (Vec<Payload>, bool) {
+    let mut premetered = false;
+    let last = stages.len().checked_sub(1);
+    for (i, stage) in stages.iter_mut().enumerate() {
         if payloads.is_empty() {
             break;
         }
+        let mut sink = match series.as_mut() {
+            Some(sink) if Some(i) == last && payloads.len() == 1 => Some(sink),
+            _ => None,
+        };
         let mut next = Vec::with_capacity(payloads.len());
         for payload in payloads {
             let points = payload.data_points();
             stage.incoming.increment(points);
-            if let Err(err) = stage.processor.process(payload, &mut next) {
-                tracing::warn!(processor = %stage.id, error = %err, "processor dropped a batch");
-                stage.dropped.increment(points);
-            }
+            let processed = match sink.as_deref_mut() {
+                Some(sink) => stage.processor.process_metered(payload, &mut next, sink),
+                None => stage.processor.process(payload, &mut next).map(|()| false),
+            };
+            premetered = match processed {
+                Ok(metered) => metered,
+                Err(err) => {
+                    tracing::warn!(processor = %stage.id, error = %err, "processor dropped a batch");
+                    stage.dropped.increment(points);
+                    false
+                }
+            };
         }
         stage
             .outgoing
             .increment(next.iter().map(Payload::data_points).sum());
         payloads = next;
     }
-    payloads
+    let premetered = premetered && payloads.len() == 1;
+    (payloads, premetered)
 }
 
 struct Output {
@@ -86,15 +107,24 @@ impl Output {
         }
     }
 
-    async fn emit(&mut self, payloads: Vec<Payload>) {
+    /// Meters and exports what left the processors; `premetered`: the series of the one
+    /// payload are in the meter's series sink already.
+    async fn emit(&mut self, payloads: Vec<Payload>, premetered: bool) {
         if payloads.is_empty() {
             return;
         }
-        self.refresh_meter_config();
+        let premetered = premetered && payloads.len() == 1;
+        if !premetered {
+            self.refresh_meter_config();
+        }
         for payload in payloads {
             let data_points = payload.data_points();
             let bytes = payload.into_bytes();
-            self.meter.observe(&bytes, data_points);
+            if premetered {
+                self.meter.observe_premetered(bytes.len(), data_points);
+            } else {
+                self.meter.observe(&bytes, data_points);
+            }
             for exporter in &self.exporters {
                 let item = ExportItem {
                     bytes: bytes.clone(),
@@ -132,8 +162,13 @@ pub async fn run(
             received = rx.recv() => {
                 let Some(batch) = received else { break };
                 queue_size.set(rx.len() as f64);
-                let out = run_stages(&mut stages, vec![Payload::Shared(batch)]);
-                output.emit(out).await;
+                // The meter config is picked up before the processors run: whether the last
+                // one may meter its output depends on it.
+                output.refresh_meter_config();
+                let series = output.meter.series_sink();
+                let (out, premetered) =
+                    run_stages(&mut stages, vec![Payload::Shared(batch)], series);
+                output.emit(out, premetered).await;
             }
             () = tokio::time::sleep_until(next_deadline.into()) => {
                 let now = Instant::now();
@@ -141,8 +176,8 @@ pub async fn run(
                     if stages[i].processor.deadline().is_some_and(|d| d <= now) {
                         let mut out = Vec::new();
                         stages[i].processor.on_deadline(now, &mut out);
-                        let out = run_stages(&mut stages[i + 1..], out);
-                        output.emit(out).await;
+                        let (out, _) = run_stages(&mut stages[i + 1..], out, None);
+                        output.emit(out, false).await;
                     }
                 }
                 output.refresh_meter_config();
@@ -155,8 +190,8 @@ pub async fn run(
     for i in 0..stages.len() {
         let mut out = Vec::new();
         stages[i].processor.flush(&mut out);
-        let out = run_stages(&mut stages[i + 1..], out);
-        output.emit(out).await;
+        let (out, _) = run_stages(&mut stages[i + 1..], out, None);
+        output.emit(out, false).await;
     }
     output.meter.rotate_if_due(output.meter.next_rotation());
     tracing::debug!(pipeline = %name, "pipeline drained");

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use ahash::AHashSet;
+use aho_corasick::AhoCorasick;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use prost::Message;
 use serde::Deserialize;
@@ -25,6 +26,7 @@ use crate::otlp::rewrite::{
 };
 use crate::otlp::wire::WireError;
 use crate::otlp::Payload;
+use crate::stats::SeriesSink;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "attributes",
@@ -435,6 +437,11 @@ struct ActionList {
     /// then the list as received less the attributes some action refuses, which the walk
     /// works out one attribute at a time, in one pass and without a list.
     removes_only: bool,
+    /// When every action acts on one named key (`delete`, `hash`, `rename`): those keys, to
+    /// find in encoded bytes. Bytes that hold none of them hold no attribute an action
+    /// changes, which one substring search for all of them tells faster than reading the
+    /// attributes.
+    keys: Option<AhoCorasick>,
 }
 
 impl ActionList {
@@ -448,6 +455,18 @@ impl ActionList {
 
     /// Works out what [`ActionList::changes`] needs, once the list is complete.
     fn compile(&mut self) {
+        let keys: Option<Vec<&str>> = self
+            .actions
+            .iter()
+            .map(|action| match action {
+                Action::Delete { key } | Action::Hash { key } | Action::Rename { key, .. } => {
+                    Some(key.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        // A build error (far beyond any config's size) only loses the shortcut.
+        self.keys = keys.and_then(|keys| AhoCorasick::new(keys).ok());
         self.inserts = 0;
         self.always_changes = false;
         self.removes_only = !self.actions.is_empty()
@@ -468,6 +487,13 @@ impl ActionList {
                 _ => {}
             }
         }
+    }
+
+    /// Whether the actions may change an attribute list somewhere in `bytes` (which holds
+    /// encoded attribute lists, whole): false only when they act on named keys and none of
+    /// those is in `bytes`.
+    fn may_change(&self, bytes: &[u8]) -> bool {
+        self.keys.as_ref().is_none_or(|keys| keys.is_match(bytes))
     }
 
     /// For a list of [`ActionList::removes_only`]: whether the attribute with this key stays.
@@ -681,6 +707,7 @@ impl Edit for AttributesEdit<'_> {
             _ if actions.is_empty() => false,
             // Only an action that adds makes a resource where there was none.
             None => self.actions.resource_adds,
+            Some(resource) if !actions.may_change(resource) => false,
             Some(_) if actions.removes_only => return Ok(ResourceEdit::FilterAttributes(())),
             Some(resource) => actions.changes(Attributes::of_resource(resource))?,
         };
@@ -717,6 +744,10 @@ impl Edit for AttributesEdit<'_> {
         } else {
             MetricEdit::PerPoint(())
         }
+    }
+
+    fn may_change_scope(&mut self, _: (), scope_metrics: &[u8]) -> bool {
+        self.actions.datapoint.may_change(scope_metrics)
     }
 
     fn point(&mut self, _: (), attributes: Attributes<'_>) -> Result<PointEdit, WireError> {
@@ -785,6 +816,21 @@ impl Processor for AttributesProcessor {
         };
         out.push(rewrite::rewrite_payload(input, &mut edit)?.payload);
         Ok(())
+    }
+
+    fn process_metered(
+        &mut self,
+        input: Payload,
+        out: &mut Vec<Payload>,
+        series: &mut SeriesSink<'_>,
+    ) -> Result<bool, ProcessError> {
+        let mut edit = AttributesEdit {
+            actions: &self.actions,
+        };
+        let (output, observed) =
+            rewrite::rewrite_payload_observed(input, &mut edit, Some(&mut series.hasher()))?;
+        out.push(output.payload);
+        Ok(observed)
     }
 }
 
@@ -1097,6 +1143,34 @@ mod tests {
     fn delete_of_absent_key_changes_nothing() {
         let out = attributes("actions: [{key: nope, action: delete}]", one());
         assert_eq!(out, one());
+    }
+
+    /// The keys are looked for in the bytes before any attribute is read: a key found only
+    /// inside a longer key, a value or a name is no attribute of that key.
+    #[test]
+    fn keys_found_only_inside_other_bytes_change_nothing() {
+        for key in ["pid", "process", "alice", "node-1", "host"] {
+            for action in ["delete", "hash", "rename"] {
+                let extra = if action == "rename" {
+                    ", new_key: x"
+                } else {
+                    ""
+                };
+                let yaml = format!("actions: [{{key: {key}, action: {action}{extra}}}]");
+                assert_eq!(attributes(&yaml, one()), one(), "{yaml}");
+            }
+        }
+    }
+
+    #[test]
+    fn requests_holding_none_of_the_keys_are_passed_on_as_they_came() {
+        let batch = Arc::new(Batch::from_request(one()));
+        let out = run(
+            "attributes/x",
+            "actions: [{key: absent, action: delete}, {key: nowhere, action: hash}]",
+            vec![Payload::Shared(Arc::clone(&batch))],
+        );
+        assert!(matches!(&out[..], [Payload::Shared(b)] if Arc::ptr_eq(b, &batch)));
     }
 
     #[test]
@@ -1557,6 +1631,70 @@ actions:
             })
             .collect();
         json!({ "actions": actions }).to_string()
+    }
+
+    /// As the last processor of a pipeline, the processor reports the series of its output
+    /// as a meter walking it would find them, on random requests and action lists.
+    #[test]
+    fn metered_output_has_the_series_a_walk_finds() {
+        use crate::otlp::rewrite::tests::{random_request, shared};
+        use crate::processor::test_util::assert_metered_as_walked;
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4d45_5441);
+        let mut series = 0;
+        for round in 0..3000 {
+            let yaml = random_config(&mut rng);
+            let request = random_request(&mut rng);
+            let input = match round % 3 {
+                0 => shared(&request),
+                1 => Payload::Encoded {
+                    bytes: bytes::Bytes::from(request.encode_to_vec()),
+                    data_points: crate::otlp::data_points(&request),
+                },
+                _ => Payload::Decoded(request),
+            };
+            series += assert_metered_as_walked("attributes", &yaml, input);
+        }
+        assert!(series > 6_000, "{series} series");
+    }
+
+    /// Resources after their scopes, or given twice, are met as the walk of the output meets
+    /// them, whether the resource is filtered or rewritten.
+    #[test]
+    fn metered_output_with_resources_out_of_order_or_repeated() {
+        use crate::processor::test_util::assert_metered_as_walked;
+        use opentelemetry_proto::tonic::metrics::v1::ResourceMetrics;
+        use prost::encoding::encode_varint;
+        let request = one();
+        let rm = &request.resource_metrics[0];
+        let resource = rm.resource.clone().unwrap().encode_to_vec();
+        for copies in [1, 2] {
+            let mut body = ResourceMetrics {
+                resource: None,
+                ..rm.clone()
+            }
+            .encode_to_vec();
+            for _ in 0..copies {
+                body.push(0x0a);
+                encode_varint(resource.len() as u64, &mut body);
+                body.extend_from_slice(&resource);
+            }
+            let mut bytes = vec![0x0a];
+            encode_varint(body.len() as u64, &mut bytes);
+            bytes.extend_from_slice(&body);
+            for yaml in [
+                "actions: [{key: process.pid, action: delete}]",
+                "actions: [{key: process.pid, action: hash}]",
+                "actions: [{key: env, value: prod, action: upsert, on: resource}]",
+            ] {
+                let input = Payload::Encoded {
+                    bytes: bytes::Bytes::from(bytes.clone()),
+                    data_points: crate::otlp::data_points(&request),
+                };
+                let series = assert_metered_as_walked("attributes", yaml, input);
+                assert_eq!(series, crate::otlp::data_points(&request) as usize);
+            }
+        }
     }
 
     /// The wire-level processor gives what the struct-level one it replaced gives, on random

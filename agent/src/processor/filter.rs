@@ -19,11 +19,13 @@ use serde_yaml::Value;
 use super::pattern::{all_match, present, AttributeCriterion, Criteria, PatternText};
 use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, Issue};
+use crate::otlp::rewrite::Unobserved;
 use crate::otlp::rewrite::{
     self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit,
 };
-use crate::otlp::wire::WireError;
+use crate::otlp::wire::{Visitor, WireError};
 use crate::otlp::Payload;
+use crate::stats::SeriesSink;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "filter",
@@ -315,16 +317,38 @@ struct FilterProcessor {
 
 impl Processor for FilterProcessor {
     fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError> {
+        self.filter_payload(input, out, None::<&mut Unobserved>)?;
+        Ok(())
+    }
+
+    fn process_metered(
+        &mut self,
+        input: Payload,
+        out: &mut Vec<Payload>,
+        series: &mut SeriesSink<'_>,
+    ) -> Result<bool, ProcessError> {
+        self.filter_payload(input, out, Some(&mut series.hasher()))
+    }
+}
+
+impl FilterProcessor {
+    /// Filters one payload, telling `observer` about the output; returns whether it saw all.
+    fn filter_payload<V: Visitor>(
+        &mut self,
+        input: Payload,
+        out: &mut Vec<Payload>,
+        observer: Option<&mut V>,
+    ) -> Result<bool, ProcessError> {
         let mut edit = FilterEdit {
             filter: &self.filter,
             scratch: &mut self.scratch,
         };
-        let output = rewrite::rewrite_payload(input, &mut edit)?;
+        let (output, observed) = rewrite::rewrite_payload_observed(input, &mut edit, observer)?;
         // Nothing left is nothing to send.
         if output.resources > 0 {
             out.push(output.payload);
         }
-        Ok(())
+        Ok(observed)
     }
 }
 
@@ -1271,6 +1295,31 @@ exclude:
             config.insert("exclude".into(), random_block(rng));
         }
         serde_json::Value::Object(config).to_string()
+    }
+
+    /// As the last processor of a pipeline, the filter reports the series of its output as a
+    /// meter walking it would find them, on random requests and configs.
+    #[test]
+    fn metered_output_has_the_series_a_walk_finds() {
+        use crate::otlp::rewrite::tests::{random_request, shared};
+        use crate::processor::test_util::assert_metered_as_walked;
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4d45_5445);
+        let mut series = 0;
+        for round in 0..3000 {
+            let yaml = random_config(&mut rng);
+            let request = random_request(&mut rng);
+            let input = match round % 3 {
+                0 => shared(&request),
+                1 => Payload::Encoded {
+                    bytes: bytes::Bytes::from(prost::Message::encode_to_vec(&request)),
+                    data_points: crate::otlp::data_points(&request),
+                },
+                _ => Payload::Decoded(request),
+            };
+            series += assert_metered_as_walked("filter", &yaml, input);
+        }
+        assert!(series > 3_000, "{series} series");
     }
 
     /// The wire-level filter gives what the struct-level filter it replaced gives, on random

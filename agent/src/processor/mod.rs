@@ -29,6 +29,7 @@ use thiserror::Error;
 
 use crate::config::{self, ComponentId, Issue};
 use crate::otlp::Payload;
+use crate::stats::SeriesSink;
 pub use state::{BuildContext, SharedState, StateRegistry};
 
 /// The parsed, validated and compiled config of one processor.
@@ -54,6 +55,20 @@ pub trait ProcessorConfig: Send + Sync + Debug {
 pub trait Processor: Send {
     /// Processes one payload, pushing whatever it emits onto `out`.
     fn process(&mut self, input: Payload, out: &mut Vec<Payload>) -> Result<(), ProcessError>;
+
+    /// [`Processor::process`] as the last stage of a pipeline. A processor that writes the
+    /// one payload it emits in a walk (a rewrite) can work out that payload's series on the
+    /// way: it puts them in `series` and returns true, and the meter then does not walk the
+    /// payload again. Returns false when it did not.
+    fn process_metered(
+        &mut self,
+        input: Payload,
+        out: &mut Vec<Payload>,
+        _series: &mut SeriesSink<'_>,
+    ) -> Result<bool, ProcessError> {
+        self.process(input, out)?;
+        Ok(false)
+    }
 
     /// When the runner must next call [`Processor::on_deadline`], if ever.
     fn deadline(&self) -> Option<Instant> {
@@ -119,6 +134,32 @@ pub mod test_util {
         }
         processor.flush(&mut out);
         out
+    }
+
+    /// Runs `input` through processor `kind` built from `yaml` as the last stage of a
+    /// pipeline, and checks that the series it reports for what it emits are those a walk of
+    /// that output finds. Returns how many series that is.
+    pub fn assert_metered_as_walked(kind: &str, yaml: &str, input: Payload) -> usize {
+        let id = ComponentId::parse(kind).unwrap();
+        let config = parse(&id, serde_yaml::from_str(yaml).unwrap()).unwrap();
+        let mut processor = state::standalone(config.as_ref(), "test", &id);
+        let state = crate::stats::series_hash_state();
+        let mut reported = Vec::new();
+        let mut out = Vec::new();
+        let metered = processor
+            .process_metered(input, &mut out, &mut SeriesSink::new(&state, &mut reported))
+            .unwrap();
+        assert!(metered, "{yaml}");
+        assert!(out.len() <= 1);
+        let mut walked = Vec::new();
+        for payload in out {
+            crate::stats::for_each_series(&state, &payload.into_bytes(), |s| walked.push(s))
+                .unwrap();
+        }
+        reported.sort_unstable();
+        walked.sort_unstable();
+        assert_eq!(reported, walked, "{yaml}");
+        walked.len()
     }
 
     /// The issues that parsing `yaml` as processor `kind` reports.

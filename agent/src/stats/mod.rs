@@ -168,16 +168,28 @@ impl SeriesTracker {
 
 /// Hashes series identity (resource, scope, metric name, data point attributes) off the wire.
 /// Attribute order does not change a series' identity.
-struct SeriesHasher<'a> {
+struct SeriesHasher<'a, F> {
     state: &'a ahash::RandomState,
     resource: u64,
     scope: u64,
     metric: u64,
-    sink: &'a mut dyn FnMut(u64),
+    sink: F,
+}
+
+impl<'a, F: FnMut(u64)> SeriesHasher<'a, F> {
+    fn new(state: &'a ahash::RandomState, sink: F) -> Self {
+        Self {
+            state,
+            resource: 0,
+            scope: 0,
+            metric: 0,
+            sink,
+        }
+    }
 }
 
 /// Walks pipeline output, which is well formed by construction.
-impl Visitor for SeriesHasher<'_> {
+impl<F: FnMut(u64)> Visitor for SeriesHasher<'_, F> {
     const VALIDATE: bool = false;
 
     fn resource(&mut self, resource: &[u8]) {
@@ -246,16 +258,31 @@ pub fn series_hash_state() -> ahash::RandomState {
 pub fn for_each_series(
     state: &ahash::RandomState,
     request: &[u8],
-    mut sink: impl FnMut(u64),
+    sink: impl FnMut(u64),
 ) -> Result<(), wire::WireError> {
-    let mut hasher = SeriesHasher {
-        state,
-        resource: 0,
-        scope: 0,
-        metric: 0,
-        sink: &mut sink,
-    };
-    wire::walk(request, &mut hasher)
+    wire::walk(request, &mut SeriesHasher::new(state, sink))
+}
+
+/// Where the last processor of a pipeline puts the series of the payload it writes, when it
+/// can work them out as it writes (see `Processor::process_metered`): the meter then needs
+/// no walk of its own over that payload.
+pub struct SeriesSink<'a> {
+    state: &'a ahash::RandomState,
+    hashes: &'a mut Vec<u64>,
+}
+
+impl<'a> SeriesSink<'a> {
+    /// A sink putting series hashed with `state` into `hashes`.
+    pub fn new(state: &'a ahash::RandomState, hashes: &'a mut Vec<u64>) -> Self {
+        Self { state, hashes }
+    }
+
+    /// The visitor to tell about the output, as [`wire::walk`] would walk it.
+    pub fn hasher(&mut self) -> impl Visitor + '_ {
+        self.hashes.clear();
+        let hashes = &mut *self.hashes;
+        SeriesHasher::new(self.state, move |series| hashes.push(series))
+    }
 }
 
 /// The meter on one pipeline's output.
@@ -347,10 +374,35 @@ impl VolumeMeter {
         if let Err(err) = walked {
             tracing::warn!(error = %err, "pipeline output could not be metered");
         }
+        self.count(request.len(), data_points);
+    }
+
+    /// Where the last processor may put the series of the payload it writes next, or `None`
+    /// when the meter needs more than series from it (a `meter` config).
+    pub fn series_sink(&mut self) -> Option<SeriesSink<'_>> {
+        if self.extra.is_some() {
+            return None;
+        }
+        Some(SeriesSink {
+            state: &self.state,
+            hashes: &mut self.series_scratch,
+        })
+    }
+
+    /// Accounts one output request of `bytes` bytes whose series the last processor put in
+    /// [`VolumeMeter::series_sink`].
+    pub fn observe_premetered(&mut self, bytes: usize, data_points: u64) {
+        for &series in &self.series_scratch {
+            self.series.insert(series);
+        }
+        self.count(bytes, data_points);
+    }
+
+    fn count(&mut self, bytes: usize, data_points: u64) {
         self.window_points += data_points;
-        self.window_bytes += request.len() as u64;
+        self.window_bytes += bytes as u64;
         self.handles.datapoints.increment(data_points);
-        self.handles.bytes.increment(request.len() as u64);
+        self.handles.bytes.increment(bytes as u64);
     }
 
     pub fn next_rotation(&self) -> Instant {
