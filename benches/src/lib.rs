@@ -789,7 +789,7 @@ impl Visitor for SinkCounts {
             self.resourceless_resource_metrics += 1;
         }
     }
-    fn metric(&mut self, _name: &str) {
+    fn metric(&mut self, _name: &[u8]) {
         self.metrics += 1;
     }
     fn data_point(&mut self, _attributes: AttributeIter<'_>) {

@@ -1207,13 +1207,13 @@ impl<E: Edit, V: Visitor> Walk<'_, '_, E, V> {
         let Some(observer) = self.observer.as_deref_mut() else {
             return Ok(None);
         };
-        let mut name = "";
+        let mut name: &[u8] = &[];
         let mut last_data = None;
         for field in Spans::within(self.input, metric) {
             let field = field?;
             if field.number == METRIC_NAME {
                 field.expect_len()?;
-                name = std::str::from_utf8(field.body).map_err(|_| WireError::NameNotUtf8)?;
+                name = field.body;
             } else if is_metric_data(field.number) {
                 last_data = Some(field.start);
             }

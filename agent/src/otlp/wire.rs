@@ -177,8 +177,8 @@ pub trait Visitor {
     fn resource(&mut self, _resource: &[u8]) {}
     /// A `ScopeMetrics` begins; `scope` is the encoded `InstrumentationScope`.
     fn scope(&mut self, _scope: &[u8]) {}
-    /// A metric begins.
-    fn metric(&mut self, _name: &str) {}
+    /// A metric begins. `name` is checked to be UTF-8 only with [`Visitor::VALIDATE`].
+    fn metric(&mut self, _name: &[u8]) {}
     /// What the current metric holds, after [`Visitor::metric`] and before its points; only
     /// with [`Visitor::DETAIL`].
     fn data(&mut self, _data: MetricData<'_>) {}
@@ -362,14 +362,17 @@ pub(crate) fn walk_scope_metrics(
 
 /// Walks the body of one `Metric`.
 pub(crate) fn walk_metric<V: Visitor>(bytes: &[u8], visitor: &mut V) -> Result<(), WireError> {
-    let mut name = "";
+    let mut name: &[u8] = &[];
     let mut data: Option<Field<'_>> = None;
     for field in Fields::new(bytes) {
         let field = field?;
         match field.number {
             METRIC_NAME => {
                 expect_len(&field)?;
-                name = std::str::from_utf8(field.bytes).map_err(|_| WireError::NameNotUtf8)?;
+                if V::VALIDATE {
+                    std::str::from_utf8(field.bytes).map_err(|_| WireError::NameNotUtf8)?;
+                }
+                name = field.bytes;
             }
             METRIC_GAUGE
             | METRIC_SUM
@@ -461,7 +464,7 @@ impl Visitor for Counts {
     fn resource(&mut self, _resource: &[u8]) {
         self.resources += 1;
     }
-    fn metric(&mut self, name: &str) {
+    fn metric(&mut self, name: &[u8]) {
         self.metrics += 1;
         if name.is_empty() {
             self.unnamed_metrics += 1;

@@ -11,7 +11,10 @@ use ahash::AHashMap;
 use metrics::Gauge;
 use serde::Deserialize;
 
-use super::{point_series, resource_hash, IdentityBuild, SeriesTracker, EXACT_SERIES_LIMIT};
+use super::{
+    metric_hash, name_hash, point_series, resource_hash, IdentityBuild, SeriesTracker,
+    EXACT_SERIES_LIMIT,
+};
 use crate::config::{join_path, Issue};
 use crate::otlp::rewrite::Attributes;
 use crate::otlp::wire::{
@@ -313,6 +316,7 @@ impl Extra {
             resource: 0,
             scope: 0,
             metric: 0,
+            series_base: 0,
             series,
             selector: self.config.critical.as_ref(),
             critical: self.critical.as_mut().map(|c| &mut c.tracker),
@@ -394,7 +398,10 @@ struct MeterWalk<'a> {
     state: &'a ahash::RandomState,
     resource: u64,
     scope: u64,
+    /// The hash of the current metric's name.
     metric: u64,
+    /// [`metric_hash`] of the current metric.
+    series_base: u64,
     series: &'a mut SeriesTracker,
     selector: Option<&'a Criteria>,
     critical: Option<&'a mut SeriesTracker>,
@@ -431,11 +438,14 @@ impl Visitor for MeterWalk<'_> {
         self.scope = self.state.hash_one(scope);
     }
 
-    fn metric(&mut self, name: &str) {
-        self.metric = self.state.hash_one(name);
+    fn metric(&mut self, name: &[u8]) {
+        self.metric = name_hash(self.state, name);
+        self.series_base = metric_hash(self.state, self.resource, self.scope, self.metric);
         let verdict = match self.names.get(&self.metric) {
-            Some(cached) if &*cached.name == name => cached.verdict,
+            Some(cached) if cached.name.as_bytes() == name => cached.verdict,
             _ => {
+                // Not UTF-8 (the walk does not check output): it matches no name.
+                let name = std::str::from_utf8(name).unwrap_or_default();
                 let verdict = NameVerdict {
                     critical: self.selector.is_some_and(|s| s.name_matches(name)),
                     conserved: self
@@ -480,13 +490,7 @@ impl Visitor for MeterWalk<'_> {
     }
 
     fn data_point(&mut self, attributes: AttributeIter<'_>) {
-        let series = point_series(
-            self.state,
-            self.resource,
-            self.scope,
-            self.metric,
-            attributes.clone(),
-        );
+        let series = point_series(self.state, self.series_base, attributes.clone());
         self.series.insert(series);
         if self.metric_critical {
             if let (Some(selector), Some(tracker)) = (self.selector, self.critical.as_deref_mut()) {

@@ -172,6 +172,7 @@ struct SeriesHasher<'a, F> {
     state: &'a ahash::RandomState,
     resource: u64,
     scope: u64,
+    /// The resource, scope and name of the current metric, hashed together.
     metric: u64,
     sink: F,
 }
@@ -198,18 +199,12 @@ impl<F: FnMut(u64)> Visitor for SeriesHasher<'_, F> {
     fn scope(&mut self, scope: &[u8]) {
         self.scope = self.state.hash_one(scope);
     }
-    fn metric(&mut self, name: &str) {
-        self.metric = self.state.hash_one(name);
+    fn metric(&mut self, name: &[u8]) {
+        let name = name_hash(self.state, name);
+        self.metric = metric_hash(self.state, self.resource, self.scope, name);
     }
     fn data_point(&mut self, attributes: AttributeIter<'_>) {
-        let series = point_series(
-            self.state,
-            self.resource,
-            self.scope,
-            self.metric,
-            attributes,
-        );
-        (self.sink)(series);
+        (self.sink)(point_series(self.state, self.metric, attributes));
     }
 }
 
@@ -218,18 +213,39 @@ fn resource_hash(state: &ahash::RandomState, resource: &[u8]) -> u64 {
     unordered_hash(state, wire_attributes(resource))
 }
 
-/// A series' identity from the hashes of its resource, scope and metric name and its point's
-/// attributes.
+/// The hash of a metric name, as of the `str` it is in valid output (the bytes are hashed
+/// as `str` hashes them), without checking it is one: the receivers did.
 #[inline]
-fn point_series(
-    state: &ahash::RandomState,
-    resource: u64,
-    scope: u64,
-    metric: u64,
-    attributes: AttributeIter<'_>,
-) -> u64 {
-    let points = unordered_hash(state, attributes);
-    state.hash_one((resource, scope, metric, points))
+fn name_hash(state: &ahash::RandomState, name: &[u8]) -> u64 {
+    struct AsStr<'a>(&'a [u8]);
+    impl std::hash::Hash for AsStr<'_> {
+        fn hash<H: std::hash::Hasher>(&self, hasher: &mut H) {
+            hasher.write(self.0);
+            hasher.write_u8(0xff);
+        }
+    }
+    state.hash_one(AsStr(name))
+}
+
+/// What the series of one metric have in common: its resource, scope and name, hashed once
+/// per metric rather than once per point.
+#[inline]
+fn metric_hash(state: &ahash::RandomState, resource: u64, scope: u64, name: u64) -> u64 {
+    state.hash_one((resource, scope, name))
+}
+
+/// A series' identity from its [`metric_hash`] and its point's attributes. The attribute
+/// hash is a sum (order does not matter), so adding the two is as good as hashing them
+/// together; the multiply-xorshift (murmur3's finalizer, a bijection) spreads the sum over
+/// every bit the series table reads.
+#[inline]
+fn point_series(state: &ahash::RandomState, metric: u64, attributes: AttributeIter<'_>) -> u64 {
+    let mut h = metric.wrapping_add(unordered_hash(state, attributes));
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 fn wire_attributes(resource: &[u8]) -> impl Iterator<Item = &[u8]> {
