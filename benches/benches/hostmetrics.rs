@@ -11,6 +11,11 @@
 //! `PHOENIX_BENCH_ONLY=<case>` (e.g. `process_1000/default`, `real_proc/default`) runs only
 //! that case, scraping for 8 s after one first scrape, prints the mean CPU per scrape and
 //! exits: for `perf record -p` and for A/B runs of two builds taken in turn.
+//! `PHOENIX_BENCH_ONLY=floor:<case>` does the same with the kernel floor instead of scrapes.
+//!
+//! The kernel floor (`Scrapers::read_only`) is the system calls a steady-state scrape makes
+//! (the listing, `fstat` and `pread` of the kept files) without parsing or building: what
+//! the scrape would cost if Phoenix's own work were free. Phoenix's own work = scrape − floor.
 
 // The inputs are built by the bench itself; a failure is a bug worth a panic.
 #![allow(clippy::expect_used)]
@@ -55,26 +60,38 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
     let (user_after, system_after) = thread_user_system_ticks();
     let (user, system) = (user_after - user, system_after - system);
     let kernel_share = 100 * system / (user + system).max(1);
+    let before = thread_cpu_ns();
+    for _ in 0..RUNS {
+        scrapers.read_only();
+    }
+    let floor = (thread_cpu_ns() - before) / RUNS;
     eprintln!(
-        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel); {open_files} files kept open",
+        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel), kernel floor {:.2} ms; {open_files} files kept open",
         first as f64 / 1e6,
-        per_scrape as f64 / 1e6
+        per_scrape as f64 / 1e6,
+        floor as f64 / 1e6
     );
 }
 
-/// Scrapes `scrapers` for 8 s after a first scrape; prints the mean CPU per scrape.
-fn only(name: &str, scrapers: &mut Scrapers) {
+/// Scrapes `scrapers` (or, with `floor`, makes only a scrape's system calls) for 8 s after a
+/// first scrape; prints the mean CPU per scrape.
+fn only(name: &str, scrapers: &mut Scrapers, floor: bool) {
     scrapers.scrape(SystemTime::now());
-    eprintln!("hostmetrics/{name}: scraping for 8 s");
+    let what = if floor { "kernel floor" } else { "scrape" };
+    eprintln!("hostmetrics/{name}: {what} for 8 s");
     let (started, before) = (Instant::now(), thread_cpu_ns());
     let mut runs = 0u64;
     while started.elapsed() < Duration::from_secs(8) {
-        std::hint::black_box(scrapers.scrape(SystemTime::now()));
+        if floor {
+            scrapers.read_only();
+        } else {
+            std::hint::black_box(scrapers.scrape(SystemTime::now()));
+        }
         runs += 1;
     }
     let per_scrape = (thread_cpu_ns() - before) / runs.max(1);
     eprintln!(
-        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms",
+        "hostmetrics/{name}: {runs} runs, CPU per {what} {:.3} ms",
         per_scrape as f64 / 1e6
     );
 }
@@ -115,13 +132,17 @@ fn hostmetrics(c: &mut Criterion) {
         ("real_proc/default", "{}"),
         ("real_proc/default_uncached", "{ max_open_files: 0 }"),
     ];
-    if let Ok(case) = std::env::var("PHOENIX_BENCH_ONLY") {
+    if let Ok(only_case) = std::env::var("PHOENIX_BENCH_ONLY") {
+        let (floor, case) = match only_case.strip_prefix("floor:") {
+            Some(case) => (true, case.to_string()),
+            None => (false, only_case),
+        };
         let fixture = cases.iter().map(|&(n, p)| (n, p, dir.path()));
         let real = real_cases
             .iter()
             .map(|&(n, p)| (n, p, std::path::Path::new("/")));
         match fixture.chain(real).find(|(n, _, _)| *n == case) {
-            Some((name, process, root)) => only(name, &mut scrapers(root, process)),
+            Some((name, process, root)) => only(name, &mut scrapers(root, process), floor),
             None => eprintln!("PHOENIX_BENCH_ONLY: no case {case}"),
         }
         return;

@@ -556,6 +556,45 @@ impl Scraper for ProcessScraper {
         self.open_files = self.files.values().map(ProcFiles::count).sum();
         ctx.open_files += self.open_files as u64;
     }
+
+    fn read_only(&mut self, ctx: &mut ScrapeContext<'_>) {
+        // What `scrape` reads for every process whose files it kept, in the same order.
+        if self.list().is_err() {
+            return;
+        }
+        ctx.host_stat();
+        let (a, m) = (self.settings.attributes, self.settings.metrics);
+        if m.memory_utilization {
+            let _ = std::fs::read(self.proc_dir.join("meminfo"));
+        }
+        if a.owner {
+            self.users.refresh();
+        }
+        for (pid, _) in &self.listed {
+            let Some(files) = self.files.get(pid) else {
+                continue;
+            };
+            if a.owner {
+                let _ = rustix::fs::fstat(&files.dir);
+            }
+            let reads = [
+                (&files.stat, &mut self.stat),
+                (&files.cmdline, &mut self.cmdline),
+                (&files.status, &mut self.status),
+                (&files.io, &mut self.io),
+            ];
+            for (file, buf) in reads {
+                if let Some(file) = file {
+                    let _ = buf.read_at(file);
+                }
+            }
+            if let Some(fd) = &files.fd {
+                let _ = rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0));
+                let mut entries = rustix::fs::RawDir::new(fd, &mut self.dirents);
+                while let Some(Ok(_)) = entries.next() {}
+            }
+        }
+    }
 }
 
 impl ProcessScraper {
