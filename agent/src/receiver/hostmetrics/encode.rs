@@ -13,33 +13,43 @@ use prost::Message;
 
 use super::metadata::{Kind, MetricDef, ValueType};
 
-/// A length-delimited field being written: where its one-byte length placeholder is.
+/// A length-delimited field being written: where its length placeholder is, and its width.
 #[derive(Debug, Clone, Copy)]
 #[must_use]
-pub struct Mark(usize);
+pub struct Mark {
+    at: usize,
+    width: usize,
+}
 
 /// Appends the key of field `tag` (every tag written here is below 16: one byte).
 fn key(buf: &mut Vec<u8>, tag: u32, wire_type: WireType) {
     encode_varint(u64::from(tag << 3 | wire_type as u32), buf);
 }
 
-/// Starts a length-delimited field; [`end`] writes its length.
+/// Starts a length-delimited field expected to be shorter than 128 bytes; [`end`] writes its
+/// length.
 pub fn begin(buf: &mut Vec<u8>, tag: u32) -> Mark {
-    key(buf, tag, WireType::LengthDelimited);
-    buf.push(0);
-    Mark(buf.len() - 1)
+    begin_with(buf, tag, 1)
 }
 
-/// Writes the length of the field started at `mark`, widening the placeholder when the
-/// length needs more than one byte (moving the body once, instead of sizing it in advance).
+/// [`begin`] for a field expected to be 128 bytes to 16 KiB long (a process's resource and
+/// scope metrics), so that its body is not moved to make room for its length.
+pub fn begin_wide(buf: &mut Vec<u8>, tag: u32) -> Mark {
+    begin_with(buf, tag, 2)
+}
+
+fn begin_with(buf: &mut Vec<u8>, tag: u32, width: usize) -> Mark {
+    key(buf, tag, WireType::LengthDelimited);
+    let at = buf.len();
+    buf.resize(at + width, 0);
+    Mark { at, width }
+}
+
+/// Writes the length of the field started at `mark`. When it needs another width than the
+/// placeholder's, the body moves once (instead of being sized in advance): varints stay
+/// minimal, as prost writes them.
 pub fn end(buf: &mut Vec<u8>, mark: Mark) {
-    let mut len = buf.len().saturating_sub(mark.0 + 1) as u64;
-    if len < 0x80 {
-        if let Some(b) = buf.get_mut(mark.0) {
-            *b = len as u8;
-        }
-        return;
-    }
+    let mut len = buf.len().saturating_sub(mark.at + mark.width) as u64;
     let mut varint = [0u8; 10];
     let mut n = 0;
     for slot in &mut varint {
@@ -51,7 +61,16 @@ pub fn end(buf: &mut Vec<u8>, mark: Mark) {
         *slot = (len as u8 & 0x7f) | 0x80;
         len >>= 7;
     }
-    buf.splice(mark.0..mark.0 + 1, varint.into_iter().take(n));
+    let (Some(placeholder), Some(varint)) =
+        (buf.get_mut(mark.at..mark.at + mark.width), varint.get(..n))
+    else {
+        return;
+    };
+    if n == mark.width {
+        placeholder.copy_from_slice(varint);
+    } else {
+        buf.splice(mark.at..mark.at + mark.width, varint.iter().copied());
+    }
 }
 
 pub fn bytes_field(buf: &mut Vec<u8>, tag: u32, bytes: &[u8]) {

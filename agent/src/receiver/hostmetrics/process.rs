@@ -950,9 +950,9 @@ impl ProcessScraper {
         }
         let buf = out.buf();
         let rm_at = buf.len();
-        let rm = encode::begin(buf, 1);
+        let rm = encode::begin_wide(buf, 1);
         buf.extend_from_slice(&resource.bytes);
-        let sm = encode::begin(buf, 2);
+        let sm = encode::begin_wide(buf, 2);
         buf.extend_from_slice(&self.scope);
         let metrics_at = buf.len();
 
