@@ -11,7 +11,9 @@
 //! `PHOENIX_BENCH_ONLY=<case>` (e.g. `process_1000/default`, `real_proc/default`) runs only
 //! that case, scraping for 8 s after one first scrape, prints the mean CPU per scrape and
 //! exits: for `perf record -p` and for A/B runs of two builds taken in turn.
-//! `PHOENIX_BENCH_ONLY=floor:<case>` does the same with the kernel floor instead of scrapes.
+//! `PHOENIX_BENCH_ONLY=floor:<case>` alternates a scrape and the kernel floor for 8 s and
+//! prints the mean CPU of each: on a shared machine their difference is steadier than that
+//! of two runs taken in turn.
 //!
 //! The kernel floor (`Scrapers::read_only`) is the system calls a steady-state scrape makes
 //! (the listing, `fstat` and `pread` of the kept files) without parsing or building: what
@@ -73,26 +75,43 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
     );
 }
 
-/// Scrapes `scrapers` (or, with `floor`, makes only a scrape's system calls) for 8 s after a
-/// first scrape; prints the mean CPU per scrape.
-fn only(name: &str, scrapers: &mut Scrapers, floor: bool) {
+/// Scrapes `scrapers` for 8 s after a first scrape; prints the mean CPU per scrape.
+fn only(name: &str, scrapers: &mut Scrapers) {
     scrapers.scrape(SystemTime::now());
-    let what = if floor { "kernel floor" } else { "scrape" };
-    eprintln!("hostmetrics/{name}: {what} for 8 s");
+    eprintln!("hostmetrics/{name}: scraping for 8 s");
     let (started, before) = (Instant::now(), thread_cpu_ns());
     let mut runs = 0u64;
     while started.elapsed() < Duration::from_secs(8) {
-        if floor {
-            scrapers.read_only();
-        } else {
-            std::hint::black_box(scrapers.scrape(SystemTime::now()));
-        }
+        std::hint::black_box(scrapers.scrape(SystemTime::now()));
         runs += 1;
     }
     let per_scrape = (thread_cpu_ns() - before) / runs.max(1);
     eprintln!(
-        "hostmetrics/{name}: {runs} runs, CPU per {what} {:.3} ms",
+        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms",
         per_scrape as f64 / 1e6
+    );
+}
+
+/// [`only`] with the kernel floor after each scrape, each timed apart.
+fn only_with_floor(name: &str, scrapers: &mut Scrapers) {
+    scrapers.scrape(SystemTime::now());
+    eprintln!("hostmetrics/{name}: scraping and the kernel floor in turn for 8 s");
+    let started = Instant::now();
+    let (mut runs, mut scrape_ns, mut floor_ns) = (0u64, 0u64, 0u64);
+    while started.elapsed() < Duration::from_secs(8) {
+        let before = thread_cpu_ns();
+        std::hint::black_box(scrapers.scrape(SystemTime::now()));
+        let between = thread_cpu_ns();
+        scrapers.read_only();
+        floor_ns += thread_cpu_ns() - between;
+        scrape_ns += between - before;
+        runs += 1;
+    }
+    let per = |ns: u64| ns as f64 / runs.max(1) as f64 / 1e6;
+    eprintln!(
+        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms, kernel floor {:.3} ms",
+        per(scrape_ns),
+        per(floor_ns)
     );
 }
 
@@ -142,7 +161,10 @@ fn hostmetrics(c: &mut Criterion) {
             .iter()
             .map(|&(n, p)| (n, p, std::path::Path::new("/")));
         match fixture.chain(real).find(|(n, _, _)| *n == case) {
-            Some((name, process, root)) => only(name, &mut scrapers(root, process), floor),
+            Some((name, process, root)) if floor => {
+                only_with_floor(name, &mut scrapers(root, process))
+            }
+            Some((name, process, root)) => only(name, &mut scrapers(root, process)),
             None => eprintln!("PHOENIX_BENCH_ONLY: no case {case}"),
         }
         return;
