@@ -205,3 +205,30 @@ impl RequestWriter {
         (self.buf, self.data_points)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A length-delimited field of `len` bytes, started narrow or wide, is what prost writes:
+    /// lengths of one, two and three varint bytes, placeholders too wide and too narrow.
+    #[test]
+    fn lengths_are_minimal_varints_whatever_the_placeholder() {
+        for len in [0, 5, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let body = vec![7u8; len];
+            let mut expected = vec![9];
+            prost::encoding::bytes::encode(3, &body, &mut expected);
+            for wide in [false, true] {
+                let mut buf = vec![9];
+                let mark = if wide {
+                    begin_wide(&mut buf, 3)
+                } else {
+                    begin(&mut buf, 3)
+                };
+                buf.extend_from_slice(&body);
+                end(&mut buf, mark);
+                assert_eq!(buf, expected, "len {len}, wide {wide}");
+            }
+        }
+    }
+}
