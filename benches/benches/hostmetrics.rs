@@ -11,6 +11,13 @@
 //! `PHOENIX_BENCH_ONLY=<case>` (e.g. `process_1000/default`, `real_proc/default`) runs only
 //! that case, scraping for 8 s after one first scrape, prints the mean CPU per scrape and
 //! exits: for `perf record -p` and for A/B runs of two builds taken in turn.
+//! `PHOENIX_BENCH_ONLY=floor:<case>` alternates a scrape and the kernel floor for 8 s and
+//! prints the mean CPU of each: on a shared machine their difference is steadier than that
+//! of two runs taken in turn.
+//!
+//! The kernel floor (`Scrapers::read_only`) is the system calls a steady-state scrape makes
+//! (the listing, `fstat` and `pread` of the kept files) without parsing or building: what
+//! the scrape would cost if Phoenix's own work were free. Phoenix's own work = scrape − floor.
 
 // The inputs are built by the bench itself; a failure is a bug worth a panic.
 #![allow(clippy::expect_used)]
@@ -55,10 +62,21 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
     let (user_after, system_after) = thread_user_system_ticks();
     let (user, system) = (user_after - user, system_after - system);
     let kernel_share = 100 * system / (user + system).max(1);
+    let before = thread_cpu_ns();
+    for _ in 0..RUNS {
+        scrapers.read_only();
+    }
+    let floor = (thread_cpu_ns() - before) / RUNS;
+    // The floor replays reads of kept files: with none kept it would leave out the opens.
+    let floor = if open_files > 0 {
+        format!("{:.2} ms", floor as f64 / 1e6)
+    } else {
+        "n/a (no files kept)".to_string()
+    };
     eprintln!(
-        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel); {open_files} files kept open",
+        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel), kernel floor {floor}; {open_files} files kept open",
         first as f64 / 1e6,
-        per_scrape as f64 / 1e6
+        per_scrape as f64 / 1e6,
     );
 }
 
@@ -76,6 +94,29 @@ fn only(name: &str, scrapers: &mut Scrapers) {
     eprintln!(
         "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms",
         per_scrape as f64 / 1e6
+    );
+}
+
+/// [`only`] with the kernel floor after each scrape, each timed apart.
+fn only_with_floor(name: &str, scrapers: &mut Scrapers) {
+    scrapers.scrape(SystemTime::now());
+    eprintln!("hostmetrics/{name}: scraping and the kernel floor in turn for 8 s");
+    let started = Instant::now();
+    let (mut runs, mut scrape_ns, mut floor_ns) = (0u64, 0u64, 0u64);
+    while started.elapsed() < Duration::from_secs(8) {
+        let before = thread_cpu_ns();
+        std::hint::black_box(scrapers.scrape(SystemTime::now()));
+        let between = thread_cpu_ns();
+        scrapers.read_only();
+        floor_ns += thread_cpu_ns() - between;
+        scrape_ns += between - before;
+        runs += 1;
+    }
+    let per = |ns: u64| ns as f64 / runs.max(1) as f64 / 1e6;
+    eprintln!(
+        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms, kernel floor {:.3} ms",
+        per(scrape_ns),
+        per(floor_ns)
     );
 }
 
@@ -115,12 +156,19 @@ fn hostmetrics(c: &mut Criterion) {
         ("real_proc/default", "{}"),
         ("real_proc/default_uncached", "{ max_open_files: 0 }"),
     ];
-    if let Ok(case) = std::env::var("PHOENIX_BENCH_ONLY") {
+    if let Ok(only_case) = std::env::var("PHOENIX_BENCH_ONLY") {
+        let (floor, case) = match only_case.strip_prefix("floor:") {
+            Some(case) => (true, case.to_string()),
+            None => (false, only_case),
+        };
         let fixture = cases.iter().map(|&(n, p)| (n, p, dir.path()));
         let real = real_cases
             .iter()
             .map(|&(n, p)| (n, p, std::path::Path::new("/")));
         match fixture.chain(real).find(|(n, _, _)| *n == case) {
+            Some((name, process, root)) if floor => {
+                only_with_floor(name, &mut scrapers(root, process))
+            }
             Some((name, process, root)) => only(name, &mut scrapers(root, process)),
             None => eprintln!("PHOENIX_BENCH_ONLY: no case {case}"),
         }
@@ -138,9 +186,8 @@ fn hostmetrics(c: &mut Criterion) {
     // files is included here.
     let processes = scrapers(std::path::Path::new("/"), "{}")
         .scrape(SystemTime::now())
-        .request
-        .resource_metrics
-        .len();
+        .request()
+        .map_or(0, |r| r.resource_metrics.len());
     eprintln!("hostmetrics/real_proc: {processes} processes in /proc");
     let mut group = c.benchmark_group("hostmetrics");
     group

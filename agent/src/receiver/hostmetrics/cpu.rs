@@ -8,11 +8,11 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::encode::RequestWriter;
 use super::metadata::{self, push_point, str_attr};
 use super::procfs::{self, FileBuf};
 use super::{MetricSwitches, Reason, ScrapeContext, Scraper, Toggle};
 use crate::config::{self, Issue};
-use crate::otlp::ExportMetricsServiceRequest;
 
 const NAME: &str = "cpu";
 
@@ -67,7 +67,7 @@ impl CpuScraper {
 }
 
 impl Scraper for CpuScraper {
-    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest) {
+    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut RequestWriter) {
         let bytes = match self.buf.read(&self.path) {
             Ok(bytes) => bytes,
             Err(err) => {
@@ -113,7 +113,8 @@ impl Scraper for CpuScraper {
             push_point(&mut metric, count.int_point(start, now, cpus, Vec::new()));
             metrics.push(metric);
         }
-        out.resource_metrics
-            .extend(super::resource_metrics(NAME, Resource::default(), metrics));
+        if let Some(rm) = super::resource_metrics(NAME, Resource::default(), metrics) {
+            out.push(&rm);
+        }
     }
 }

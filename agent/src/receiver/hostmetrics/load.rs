@@ -8,11 +8,11 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::encode::RequestWriter;
 use super::metadata::{self, push_point};
 use super::procfs::{self, FileBuf};
 use super::{MetricSwitches, Reason, ScrapeContext, Scraper, Toggle};
 use crate::config::{self, Issue};
-use crate::otlp::ExportMetricsServiceRequest;
 
 const NAME: &str = "load";
 
@@ -59,7 +59,7 @@ impl LoadScraper {
 }
 
 impl Scraper for LoadScraper {
-    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest) {
+    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut RequestWriter) {
         let averages = self.buf.read(&self.path).ok().and_then(|bytes| {
             let mut fields = procfs::fields(bytes).map(procfs::parse_f64);
             Some([fields.next()??, fields.next()??, fields.next()??])
@@ -90,7 +90,8 @@ impl Scraper for LoadScraper {
                 metrics.push(metric);
             }
         }
-        out.resource_metrics
-            .extend(super::resource_metrics(NAME, Resource::default(), metrics));
+        if let Some(rm) = super::resource_metrics(NAME, Resource::default(), metrics) {
+            out.push(&rm);
+        }
     }
 }

@@ -9,11 +9,11 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::encode::RequestWriter;
 use super::metadata::{self, push_point, str_attr};
 use super::procfs::{self, FileBuf};
 use super::{MetricSwitches, Reason, ScrapeContext, Scraper, Toggle};
 use crate::config::{self, Issue};
-use crate::otlp::ExportMetricsServiceRequest;
 
 const NAME: &str = "memory";
 
@@ -91,7 +91,7 @@ impl MemoryScraper {
 }
 
 impl Scraper for MemoryScraper {
-    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest) {
+    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut RequestWriter) {
         let states = match self.buf.read(&self.path) {
             Ok(bytes) => parse_meminfo(bytes),
             Err(_) => None,
@@ -137,7 +137,8 @@ impl Scraper for MemoryScraper {
             }
             metrics.push(metric);
         }
-        out.resource_metrics
-            .extend(super::resource_metrics(NAME, Resource::default(), metrics));
+        if let Some(rm) = super::resource_metrics(NAME, Resource::default(), metrics) {
+            out.push(&rm);
+        }
     }
 }

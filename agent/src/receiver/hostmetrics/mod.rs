@@ -6,6 +6,7 @@
 //! back: when the pipelines are full, that scrape is counted as refused and dropped.
 
 pub mod cpu;
+pub mod encode;
 pub mod fixture;
 pub mod load;
 pub mod memory;
@@ -17,7 +18,7 @@ pub mod procfs;
 use std::any::Any;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
@@ -447,9 +448,14 @@ impl ScrapeContext<'_> {
     }
 }
 
-/// A scraper: appends what it read to the request.
+/// A scraper: appends what it read to the request being encoded.
 pub trait Scraper: Send {
-    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest);
+    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut encode::RequestWriter);
+
+    /// Makes only the system calls a steady-state [`Scraper::scrape`] makes, without parsing
+    /// or building anything: the kernel floor the benches report next to a scrape's cost.
+    /// Host scrapers, one small file each, do nothing here.
+    fn read_only(&mut self, _ctx: &mut ScrapeContext<'_>) {}
 }
 
 /// The instrumentation scope of `scraper`'s metrics: the Collector's, so queries written
@@ -468,16 +474,6 @@ pub fn scope(scraper: &str) -> InstrumentationScope {
 pub fn resource_metrics(
     scraper: &str,
     resource: Resource,
-    metrics: Vec<Metric>,
-) -> Option<ResourceMetrics> {
-    resource_metrics_in(scope(scraper), resource, metrics)
-}
-
-/// [`resource_metrics`] with the scope built once by the caller, for a scraper that emits
-/// one resource per process.
-pub fn resource_metrics_in(
-    scope: InstrumentationScope,
-    resource: Resource,
     mut metrics: Vec<Metric>,
 ) -> Option<ResourceMetrics> {
     metrics.retain(|m| crate::otlp::metric_data_points(m.data.as_ref()) > 0);
@@ -487,7 +483,7 @@ pub fn resource_metrics_in(
     Some(ResourceMetrics {
         resource: Some(resource),
         scope_metrics: vec![ScopeMetrics {
-            scope: Some(scope),
+            scope: Some(scope(scraper)),
             metrics,
             schema_url: SCHEMA_URL.to_string(),
         }],
@@ -501,17 +497,32 @@ pub struct Scrapers {
     proc_dir: PathBuf,
     kernel: KernelConstants,
     running: Vec<(ScraperSpec, Box<dyn Scraper>)>,
+    /// Size of the last scrape's request: the next one's buffer starts that large.
+    last_len: usize,
 }
 
 /// One scrape's output.
 #[derive(Debug)]
 pub struct ScrapeOutput {
-    pub request: ExportMetricsServiceRequest,
+    /// The encoded `ExportMetricsServiceRequest`: every scraper's resources, in order.
+    pub bytes: Vec<u8>,
+    pub data_points: u64,
     pub errors: ScrapeErrors,
     /// See [`ScrapeContext::open_files`].
     pub open_files: u64,
     /// See [`ScrapeContext::uncached_processes`].
     pub uncached_processes: u64,
+    decoded: OnceLock<Result<ExportMetricsServiceRequest, prost::DecodeError>>,
+}
+
+impl ScrapeOutput {
+    /// The request decoded (once), for tests and benches; the receiver dispatches the bytes.
+    pub fn request(&self) -> Result<&ExportMetricsServiceRequest, prost::DecodeError> {
+        self.decoded
+            .get_or_init(|| prost::Message::decode(self.bytes.as_slice()))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
 }
 
 impl Scrapers {
@@ -521,6 +532,7 @@ impl Scrapers {
             proc_dir: config.proc_dir(),
             kernel,
             running: Vec::new(),
+            last_len: 0,
         };
         scrapers.reconfigure(config);
         scrapers
@@ -565,7 +577,8 @@ impl Scrapers {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut errors = ScrapeErrors::default();
-        let mut request = ExportMetricsServiceRequest::default();
+        // A little more than last time, so a steady state grows the buffer at most rarely.
+        let mut out = encode::RequestWriter::with_capacity(self.last_len + self.last_len / 8);
         let mut ctx = ScrapeContext {
             proc_dir: &self.proc_dir,
             root: &self.root,
@@ -577,14 +590,39 @@ impl Scrapers {
             host_stat: None,
         };
         for (_, scraper) in &mut self.running {
-            scraper.scrape(&mut ctx, &mut request);
+            scraper.scrape(&mut ctx, &mut out);
         }
         let (open_files, uncached_processes) = (ctx.open_files, ctx.uncached_processes);
+        let (bytes, data_points) = out.into_parts();
+        self.last_len = bytes.len();
         ScrapeOutput {
-            request,
+            bytes,
+            data_points,
             errors,
             open_files,
             uncached_processes,
+            decoded: OnceLock::new(),
+        }
+    }
+}
+
+impl Scrapers {
+    /// [`Scraper::read_only`] of every scraper: the system calls of a scrape after the
+    /// first, and nothing else. For the benches' kernel floor.
+    pub fn read_only(&mut self) {
+        let mut errors = ScrapeErrors::default();
+        let mut ctx = ScrapeContext {
+            proc_dir: &self.proc_dir,
+            root: &self.root,
+            kernel: self.kernel,
+            now: 0,
+            errors: &mut errors,
+            open_files: 0,
+            uncached_processes: 0,
+            host_stat: None,
+        };
+        for (_, scraper) in &mut self.running {
+            scraper.read_only(&mut ctx);
         }
     }
 }
@@ -714,7 +752,7 @@ async fn run(
                             tracing::warn!(receiver = %ctx.id, open_files = output.open_files, uncached = output.uncached_processes, "scrapers.process.max_open_files reached: the other processes' files are opened and closed every scrape, at a higher CPU cost (counted in phoenix_receiver_scrape_uncached_processes_total; logged once)");
                         }
                         record_errors(&ctx, &output.errors, &mut warned);
-                        dispatch(&ctx, &metrics, output.request).await;
+                        dispatch(&ctx, &metrics, output.bytes, output.data_points).await;
                     }
                     Err(err) => {
                         // A panic is a bug in a parser; start over with fresh state.
@@ -745,16 +783,12 @@ fn record_errors(
     }
 }
 
-async fn dispatch(
-    ctx: &ReceiverContext,
-    metrics: &ReceiverMetrics,
-    request: ExportMetricsServiceRequest,
-) {
-    let batch = Batch::from_request(request);
-    let points = batch.data_points();
+async fn dispatch(ctx: &ReceiverContext, metrics: &ReceiverMetrics, bytes: Vec<u8>, points: u64) {
     if points == 0 {
         return;
     }
+    // Encoded by the scrapers: the pipelines decode it only where a processor needs it.
+    let batch = Batch::from_validated(bytes::Bytes::from(bytes), points);
     let pipelines = ctx.pipelines.load_full();
     let Some(route) = pipelines.route(ctx.id.as_str()) else {
         return;

@@ -9,11 +9,11 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use super::encode::RequestWriter;
 use super::metadata::{self, push_point, str_attr};
 use super::procfs::{self, FileBuf};
 use super::{MatchType, MetricSwitches, NameFilter, Reason, ScrapeContext, Scraper, Toggle};
 use crate::config::{self, Issue};
-use crate::otlp::ExportMetricsServiceRequest;
 
 const NAME: &str = "network";
 
@@ -80,7 +80,7 @@ const RX_BYTES: usize = 0;
 const TX_BYTES: usize = 8;
 
 impl Scraper for NetworkScraper {
-    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest) {
+    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut RequestWriter) {
         let bytes = match self.buf.read(&self.path) {
             Ok(bytes) => bytes,
             Err(err) => {
@@ -135,7 +135,8 @@ impl Scraper for NetworkScraper {
                 }
             }
         }
-        out.resource_metrics
-            .extend(super::resource_metrics(NAME, Resource::default(), metrics));
+        if let Some(rm) = super::resource_metrics(NAME, Resource::default(), metrics) {
+            out.push(&rm);
+        }
     }
 }

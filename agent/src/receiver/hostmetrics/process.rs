@@ -7,6 +7,10 @@
 //! costs more than generating its content. A process that exits between listing and reading
 //! is skipped and counted (`reason="vanished"`); a file the agent may not read (another user's
 //! `io` or `exe` without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
+//!
+//! Output is written as OTLP bytes ([`super::encode`]), not prost structs: a process's
+//! resource is encoded when first seen and again only when one of its attributes changed,
+//! so a steady-state scrape allocates nothing per process.
 
 use std::borrow::Cow;
 use std::collections::hash_map::Entry;
@@ -21,18 +25,18 @@ use std::time::{Duration, SystemTime};
 
 use ahash::AHashMap;
 use indexmap::IndexMap;
-use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
-use opentelemetry_proto::tonic::metrics::v1::Metric;
-use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
 use rustix::fs::{Mode, OFlags};
 use serde::Deserialize;
 use serde_yaml::Value;
 
-use super::metadata::{self, int_attr, push_point, str_attr, MetricDef};
+use super::encode::{self, RequestWriter};
+use super::metadata::{self, MetricDef};
 use super::procfs::{self, FileBuf};
-use super::{MatchType, MetricSwitches, NameFilter, Reason, ScrapeContext, Scraper, Toggle};
+use super::{
+    MatchType, MetricSwitches, NameFilter, Reason, ScrapeContext, Scraper, Toggle, SCHEMA_URL,
+};
 use crate::config::{self, Issue};
-use crate::otlp::ExportMetricsServiceRequest;
 
 const NAME: &str = "process";
 
@@ -88,24 +92,6 @@ struct Attributes {
     owner: bool,
 }
 
-impl Attributes {
-    /// How many are on: the capacity of a process's attribute list.
-    fn count(&self) -> usize {
-        [
-            self.pid,
-            self.parent_pid,
-            self.executable_name,
-            self.executable_path,
-            self.command,
-            self.command_line,
-            self.owner,
-        ]
-        .iter()
-        .filter(|on| **on)
-        .count()
-    }
-}
-
 /// Which metrics are on, resolved once from the switches.
 #[derive(Debug, Clone, Copy)]
 struct Metrics {
@@ -122,30 +108,6 @@ struct Metrics {
     open_file_descriptors: bool,
     context_switches: bool,
     uptime: bool,
-}
-
-impl Metrics {
-    /// How many are on: the capacity of a process's metric list.
-    fn count(&self) -> usize {
-        [
-            self.cpu_time,
-            self.cpu_utilization,
-            self.memory_usage,
-            self.memory_virtual,
-            self.memory_utilization,
-            self.disk_io,
-            self.disk_operations,
-            self.paging_faults,
-            self.signals_pending,
-            self.threads,
-            self.open_file_descriptors,
-            self.context_switches,
-            self.uptime,
-        ]
-        .iter()
-        .filter(|on| **on)
-        .count()
-    }
 }
 
 #[derive(Debug)]
@@ -248,6 +210,8 @@ struct Known {
     /// The `exe` target, and the `comm` it was read under: it is read again only when `comm`
     /// changes, which `execve` does (to the new program's name).
     exe: Option<(Box<[u8]>, String)>,
+    /// The encoded resource, reused while what it was built from is the same.
+    resource: Option<Box<CachedResource>>,
 }
 
 impl Known {
@@ -257,7 +221,82 @@ impl Known {
             generation,
             cpu: None,
             exe: None,
+            resource: None,
         }
+    }
+}
+
+/// A process's `Resource`, encoded, and the values it was built from (besides the PID, which
+/// a [`Known`] keeps for life): building it is most of what a process would allocate per
+/// scrape, and its attributes rarely change.
+#[derive(Debug, Default)]
+struct CachedResource {
+    ppid: i64,
+    comm: Vec<u8>,
+    /// `cmdline` as read (empty when it was not).
+    cmdline: Vec<u8>,
+    exe: Option<String>,
+    owner: Option<String>,
+    /// Field 1 (`resource`) of a `ResourceMetrics`.
+    bytes: Vec<u8>,
+}
+
+/// What a process's resource is built from.
+struct ResourceInputs<'a> {
+    pid: u32,
+    ppid: i64,
+    comm: &'a [u8],
+    cmdline: &'a [u8],
+    name: &'a str,
+    exe: Option<&'a str>,
+    owner: Option<&'a str>,
+}
+
+impl CachedResource {
+    fn matches(&self, r: &ResourceInputs<'_>) -> bool {
+        self.ppid == r.ppid
+            && self.comm == r.comm
+            && self.cmdline == r.cmdline
+            && self.exe.as_deref() == r.exe
+            && self.owner.as_deref() == r.owner
+    }
+
+    /// Encodes the enabled attributes of `r`, in the order the Collector emits them.
+    fn rebuild(&mut self, a: Attributes, r: &ResourceInputs<'_>) {
+        self.ppid = r.ppid;
+        self.comm.clear();
+        self.comm.extend_from_slice(r.comm);
+        self.cmdline.clear();
+        self.cmdline.extend_from_slice(r.cmdline);
+        self.exe = r.exe.map(str::to_owned);
+        self.owner = r.owner.map(str::to_owned);
+        let buf = &mut self.bytes;
+        buf.clear();
+        let resource = encode::begin(buf, 1);
+        if a.pid {
+            encode::int_attr(buf, 1, "process.pid", i64::from(r.pid));
+        }
+        if a.parent_pid {
+            encode::int_attr(buf, 1, "process.parent_pid", r.ppid);
+        }
+        if a.executable_name {
+            encode::str_attr(buf, 1, "process.executable.name", r.name);
+        }
+        if let Some(exe) = r.exe {
+            encode::str_attr(buf, 1, "process.executable.path", exe);
+        }
+        if a.command {
+            let command = procfs::command(r.cmdline);
+            encode::str_attr(buf, 1, "process.command", &command);
+        }
+        if a.command_line {
+            let command_line = procfs::command_line(r.cmdline);
+            encode::str_attr(buf, 1, "process.command_line", &command_line);
+        }
+        if let Some(owner) = r.owner {
+            encode::str_attr(buf, 1, "process.owner", owner);
+        }
+        encode::end(buf, resource);
     }
 }
 
@@ -429,8 +468,8 @@ pub struct ProcessScraper {
     io: FileBuf,
     /// Reused for `readlinkat` of `exe`.
     link: Vec<u8>,
-    /// Built once; each process's resource gets a copy.
-    scope: InstrumentationScope,
+    /// Field 1 (`scope`) of a `ScopeMetrics`, encoded once; each process's gets a copy.
+    scope: Vec<u8>,
     users: Users,
     known: AHashMap<u32, Known>,
     generation: u64,
@@ -458,7 +497,7 @@ impl ProcessScraper {
             cmdline: FileBuf::default(),
             io: FileBuf::default(),
             link: Vec::new(),
-            scope: super::scope(NAME),
+            scope: encoded_scope(),
             users: Users::new(root),
             known: AHashMap::new(),
             generation: 0,
@@ -490,6 +529,14 @@ impl ProcessScraper {
     }
 }
 
+/// The scope of every process's metrics, as field 1 of a `ScopeMetrics`.
+fn encoded_scope() -> Vec<u8> {
+    let scope = super::scope(NAME);
+    let mut buf = Vec::with_capacity(scope.encoded_len() + 4);
+    prost::encoding::message::encode(1, &scope, &mut buf);
+    buf
+}
+
 /// Host-wide values one scrape uses for every process.
 struct Host {
     now: u64,
@@ -502,7 +549,8 @@ struct Host {
 
 /// The outcome of reading one process.
 enum Outcome {
-    Emitted(Box<opentelemetry_proto::tonic::metrics::v1::ResourceMetrics>),
+    /// Its resource was written to the request.
+    Emitted,
     Skipped,
     /// It exited while being read (counted); its files are closed.
     Vanished,
@@ -512,7 +560,7 @@ enum Outcome {
 }
 
 impl Scraper for ProcessScraper {
-    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut ExportMetricsServiceRequest) {
+    fn scrape(&mut self, ctx: &mut ScrapeContext<'_>, out: &mut RequestWriter) {
         if let Err(err) = self.list() {
             let dir = &self.proc_dir;
             ctx.errors.add(NAME, Reason::Read, false, || {
@@ -542,11 +590,8 @@ impl Scraper for ProcessScraper {
         }
         self.generation += 1;
         let listed = std::mem::take(&mut self.listed);
-        out.resource_metrics.reserve(listed.len());
         for &(pid, ino) in &listed {
-            if let Outcome::Emitted(rm) = self.read_process(pid, ino, &host, ctx) {
-                out.resource_metrics.push(*rm);
-            }
+            self.read_process(pid, ino, &host, ctx, out);
         }
         self.listed = listed;
         let generation = self.generation;
@@ -555,6 +600,45 @@ impl Scraper for ProcessScraper {
         self.files.retain(|_, f| f.generation == generation);
         self.open_files = self.files.values().map(ProcFiles::count).sum();
         ctx.open_files += self.open_files as u64;
+    }
+
+    fn read_only(&mut self, ctx: &mut ScrapeContext<'_>) {
+        // What `scrape` reads for every process whose files it kept, in the same order.
+        if self.list().is_err() {
+            return;
+        }
+        ctx.host_stat();
+        let (a, m) = (self.settings.attributes, self.settings.metrics);
+        if m.memory_utilization {
+            let _ = std::fs::read(self.proc_dir.join("meminfo"));
+        }
+        if a.owner {
+            self.users.refresh();
+        }
+        for (pid, _) in &self.listed {
+            let Some(files) = self.files.get(pid) else {
+                continue;
+            };
+            if a.owner {
+                let _ = rustix::fs::fstat(&files.dir);
+            }
+            let reads = [
+                (&files.stat, &mut self.stat),
+                (&files.cmdline, &mut self.cmdline),
+                (&files.status, &mut self.status),
+                (&files.io, &mut self.io),
+            ];
+            for (file, buf) in reads {
+                if let Some(file) = file {
+                    let _ = buf.read_at(file);
+                }
+            }
+            if let Some(fd) = &files.fd {
+                let _ = rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0));
+                let mut entries = rustix::fs::RawDir::new(fd, &mut self.dirents);
+                while let Some(Ok(_)) = entries.next() {}
+            }
+        }
     }
 }
 
@@ -567,6 +651,7 @@ impl ProcessScraper {
         ino: u64,
         host: &Host,
         ctx: &mut ScrapeContext<'_>,
+        out: &mut RequestWriter,
     ) -> Outcome {
         let kept = self.files.remove(&pid);
         if let Some(files) = &kept {
@@ -582,7 +667,7 @@ impl ProcessScraper {
             },
         };
         files.generation = self.generation;
-        let mut outcome = self.read_files(pid, &mut files, host, ctx);
+        let mut outcome = self.read_files(pid, &mut files, host, ctx, out);
         if matches!(outcome, Outcome::Stale) {
             // The PID is still listed, maybe for a new process: read it as a new one.
             drop(files);
@@ -591,7 +676,7 @@ impl ProcessScraper {
                 None => return Outcome::Skipped,
             };
             files.generation = self.generation;
-            outcome = self.read_files(pid, &mut files, host, ctx);
+            outcome = self.read_files(pid, &mut files, host, ctx, out);
         }
         match outcome {
             Outcome::Vanished | Outcome::Stale => Outcome::Skipped,
@@ -639,6 +724,7 @@ impl ProcessScraper {
         files: &mut ProcFiles,
         host: &Host,
         ctx: &mut ScrapeContext<'_>,
+        out: &mut RequestWriter,
     ) -> Outcome {
         let s = Arc::clone(&self.settings);
         let (a, m) = (s.attributes, s.metrics);
@@ -748,26 +834,30 @@ impl ProcessScraper {
 
         // The exe link is read when the process is first seen and again when its `comm`
         // changes (an exec); a failed read is not kept, and is tried again next scrape.
-        let exe = match &known.exe {
-            _ if !a.executable_path || no_mm => None,
-            Some((comm, exe)) if **comm == *stat.comm => Some(exe.clone()),
-            _ => {
-                let buf = std::mem::take(&mut self.link);
-                match rustix::fs::readlinkat(&files.dir, "exe", buf) {
-                    Ok(target) => {
-                        let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
-                        self.link = target.into_bytes();
-                        known.exe = Some((stat.comm.into(), exe.clone()));
-                        Some(exe)
-                    }
-                    Err(err) => {
-                        known.exe = None;
-                        gone_or!(io::Error::from(err), Reason::Exe, s.mute_exe, "exe");
-                        None
-                    }
+        let wants_exe = a.executable_path && !no_mm;
+        let exe_is_current = known
+            .exe
+            .as_ref()
+            .is_some_and(|(comm, _)| **comm == *stat.comm);
+        if wants_exe && !exe_is_current {
+            let buf = std::mem::take(&mut self.link);
+            match rustix::fs::readlinkat(&files.dir, "exe", buf) {
+                Ok(target) => {
+                    let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
+                    self.link = target.into_bytes();
+                    known.exe = Some((stat.comm.into(), exe));
+                }
+                Err(err) => {
+                    known.exe = None;
+                    gone_or!(io::Error::from(err), Reason::Exe, s.mute_exe, "exe");
                 }
             }
-        };
+        }
+        let exe = known
+            .exe
+            .as_ref()
+            .filter(|_| wants_exe)
+            .map(|(_, e)| e.as_str());
 
         // The owner is the uid owning /proc/PID (`fstat`, which procfs answers from the
         // process's credentials of now), not `status`'s real uid: generating `status` costs
@@ -801,7 +891,7 @@ impl ProcessScraper {
             None
         };
         let owner = owner_uid.and_then(|uid| {
-            let name = self.users.names.get(&uid).cloned();
+            let name = self.users.names.get(&uid).map(String::as_str);
             if name.is_none() {
                 ctx.errors.add(NAME, Reason::User, s.mute_user, || {
                     format!("pid {pid}: uid {uid} is not in the passwd file")
@@ -843,32 +933,28 @@ impl ProcessScraper {
             None
         };
 
-        // Everything is read; build the resource and its metrics.
-        let mut resource = Vec::with_capacity(a.count());
-        if a.pid {
-            resource.push(int_attr("process.pid", i64::from(pid)));
+        // Everything is read; write the resource and its metrics. The resource is encoded
+        // again only when something it is built from changed.
+        let inputs = ResourceInputs {
+            pid,
+            ppid: stat.ppid,
+            comm: stat.comm,
+            cmdline,
+            name: &name,
+            exe,
+            owner,
+        };
+        let resource = known.resource.get_or_insert_with(Box::default);
+        if resource.bytes.is_empty() || !resource.matches(&inputs) {
+            resource.rebuild(a, &inputs);
         }
-        if a.parent_pid {
-            resource.push(int_attr("process.parent_pid", stat.ppid));
-        }
-        if a.executable_name {
-            resource.push(str_attr("process.executable.name", name.into_owned()));
-        }
-        if let Some(exe) = exe {
-            resource.push(str_attr("process.executable.path", exe));
-        }
-        if a.command {
-            resource.push(str_attr("process.command", procfs::command(cmdline)));
-        }
-        if a.command_line {
-            resource.push(str_attr(
-                "process.command_line",
-                procfs::command_line(cmdline),
-            ));
-        }
-        if let Some(owner) = owner {
-            resource.push(str_attr("process.owner", owner));
-        }
+        let buf = out.buf();
+        let rm_at = buf.len();
+        let rm = encode::begin_wide(buf, 1);
+        buf.extend_from_slice(&resource.bytes);
+        let sm = encode::begin_wide(buf, 2);
+        buf.extend_from_slice(&self.scope);
+        let metrics_at = buf.len();
 
         let now = host.now;
         let tick = host.clk_tck as f64;
@@ -877,14 +963,8 @@ impl ProcessScraper {
             stat.stime as f64 / tick,
             stat.blkio_ticks as f64 / tick,
         );
-        let mut metrics: Vec<Metric> = Vec::with_capacity(m.count());
         let mut add = |def: &MetricDef, points: &[(f64, Option<(&'static str, &'static str)>)]| {
-            let mut metric = def.new_metric(points.len());
-            for &(value, attr) in points {
-                let attributes = attr.map(|(k, v)| vec![str_attr(k, v)]).unwrap_or_default();
-                push_point(&mut metric, def.point(start, now, value, attributes));
-            }
-            metrics.push(metric);
+            out.metric(2, def, start, now, points);
         };
         let state = |v: &'static str| Some(("state", v));
         let direction = |v: &'static str| Some(("direction", v));
@@ -998,17 +1078,17 @@ impl ProcessScraper {
             add(&metadata::PROCESS_UPTIME, &[(age.as_secs_f64(), None)]);
         }
 
-        match super::resource_metrics_in(
-            self.scope.clone(),
-            Resource {
-                attributes: resource,
-                ..Default::default()
-            },
-            metrics,
-        ) {
-            Some(rm) => Outcome::Emitted(Box::new(rm)),
-            None => Outcome::Skipped,
+        let buf = out.buf();
+        if buf.len() == metrics_at {
+            // No metric had a point (e.g. only utilization on, at the first scrape).
+            buf.truncate(rm_at);
+            return Outcome::Skipped;
         }
+        encode::string_field(buf, 3, SCHEMA_URL);
+        encode::end(buf, sm);
+        encode::string_field(buf, 3, SCHEMA_URL);
+        encode::end(buf, rm);
+        Outcome::Emitted
     }
 }
 

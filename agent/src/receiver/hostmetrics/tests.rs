@@ -89,7 +89,8 @@ fn values(rm: &ResourceMetrics) -> BTreeMap<String, f64> {
 
 fn by_pid(output: &ScrapeOutput) -> BTreeMap<i64, &ResourceMetrics> {
     output
-        .request
+        .request()
+        .unwrap()
         .resource_metrics
         .iter()
         .filter_map(|rm| Some((resource_attr(rm, "process.pid")?.parse().ok()?, rm)))
@@ -263,7 +264,7 @@ fn an_owner_missing_from_passwd_is_left_out_and_counted() {
     )
     .unwrap();
     let output = scrape_once(dir.path(), "  process: { mute_process_user_error: true }\n");
-    for rm in &output.request.resource_metrics {
+    for rm in &output.request().unwrap().resource_metrics {
         assert_eq!(resource_attr(rm, "process.owner"), None);
         assert!(resource_attr(rm, "process.command_line").is_some());
     }
@@ -354,7 +355,7 @@ fn include_exclude_and_switches() {
     metrics: { process.disk.io: { enabled: false }, process.threads: { enabled: true } }
 ",
     );
-    let rm = &output.request.resource_metrics[0];
+    let rm = &output.request().unwrap().resource_metrics[0];
     assert_eq!(resource_attr(rm, "process.pid"), None);
     assert_eq!(resource_attr(rm, "process.command_line"), None);
     assert!(resource_attr(rm, "process.owner").is_some());
@@ -376,7 +377,8 @@ fn host_scrapers_read_exact_values() {
 ",
     );
     let all: BTreeMap<String, f64> = output
-        .request
+        .request()
+        .unwrap()
         .resource_metrics
         .iter()
         .flat_map(values)
@@ -426,7 +428,8 @@ fn host_scrapers_read_exact_values() {
 
     let averaged = scrape_once(dir.path(), "  load: { cpu_average: true }\n");
     let v: BTreeMap<String, f64> = averaged
-        .request
+        .request()
+        .unwrap()
         .resource_metrics
         .iter()
         .flat_map(values)
@@ -450,7 +453,7 @@ fn output_has_the_collectors_metadata() {
     scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS));
     let output = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + 10));
     let mut seen = std::collections::BTreeSet::new();
-    for rm in &output.request.resource_metrics {
+    for rm in &output.request().unwrap().resource_metrics {
         assert_eq!(rm.schema_url, SCHEMA_URL);
         for sm in &rm.scope_metrics {
             let scope = sm.scope.as_ref().unwrap();
@@ -613,7 +616,8 @@ fn reconfigure_keeps_unchanged_scrapers() {
     scrapers.reconfigure(&config(dir.path(), &format!("{util}  load: {{}}\n")));
     let out = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + 10));
     let all: BTreeMap<String, f64> = out
-        .request
+        .request()
+        .unwrap()
         .resource_metrics
         .iter()
         .flat_map(values)
@@ -738,7 +742,7 @@ fn beyond_max_open_files_every_process_is_still_read() {
             assert_eq!(all.uncached_processes, 0);
             assert!(some.uncached_processes > 0, "{budget}");
             assert!(some.open_files <= kept_at_most, "{budget}");
-            assert_eq!(some.request, all.request, "{budget}");
+            assert_eq!(some.request().unwrap(), all.request().unwrap(), "{budget}");
             assert_eq!(counts(some), counts(all), "{budget}");
         }
     }
@@ -891,4 +895,176 @@ fn open_file_descriptors_are_listed_afresh_through_the_kept_directory() {
     assert_eq!(fds(10), 7.0);
     std::fs::remove_file(dir.path().join("proc/100/fd/6")).unwrap();
     assert_eq!(fds(20), 6.0);
+}
+
+/// A plain fixture process's resource with the default metrics, built as prost structs the
+/// way the process scraper built it before it encoded its output itself: the reference the
+/// encoded output must decode to.
+fn reference_process(p: &Process, owner: &str, now_secs: u64) -> ResourceMetrics {
+    use metadata::{int_attr, push_point, str_attr};
+    let tick = KERNEL.clk_tck as f64;
+    let start = u64::try_from(
+        u128::from(fixture::BTIME) * 1_000_000_000
+            + u128::from(p.starttime) * 1_000_000_000 / u128::from(KERNEL.clk_tck),
+    )
+    .unwrap();
+    let now = now_secs * 1_000_000_000;
+    let attributes = vec![
+        int_attr("process.pid", i64::from(p.pid)),
+        int_attr("process.parent_pid", p.ppid),
+        str_attr(
+            "process.executable.name",
+            String::from_utf8(p.comm.clone()).unwrap(),
+        ),
+        str_attr("process.executable.path", p.exe.clone().unwrap()),
+        str_attr("process.command", procfs::command(&p.cmdline)),
+        str_attr("process.command_line", procfs::command_line(&p.cmdline)),
+        str_attr("process.owner", owner),
+    ];
+    let metric = |def: &metadata::MetricDef,
+                  points: &[(f64, Option<(&'static str, &'static str)>)]| {
+        let mut metric = def.new_metric(points.len());
+        for &(value, attr) in points {
+            let attributes = attr.map(|(k, v)| vec![str_attr(k, v)]).unwrap_or_default();
+            push_point(&mut metric, def.point(start, now, value, attributes));
+        }
+        metric
+    };
+    let io = p.io.as_ref().unwrap();
+    let metrics = vec![
+        metric(
+            &metadata::PROCESS_CPU_TIME,
+            &[
+                (p.utime as f64 / tick, Some(("state", "user"))),
+                (p.stime as f64 / tick, Some(("state", "system"))),
+                (p.blkio_ticks as f64 / tick, Some(("state", "wait"))),
+            ],
+        ),
+        metric(
+            &metadata::PROCESS_MEMORY_USAGE,
+            &[((p.rss_pages * KERNEL.page_size) as f64, None)],
+        ),
+        metric(&metadata::PROCESS_MEMORY_VIRTUAL, &[(p.vsize as f64, None)]),
+        metric(
+            &metadata::PROCESS_DISK_IO,
+            &[
+                (io.read_bytes as f64, Some(("direction", "read"))),
+                (io.write_bytes as f64, Some(("direction", "write"))),
+            ],
+        ),
+    ];
+    let resource = opentelemetry_proto::tonic::resource::v1::Resource {
+        attributes,
+        ..Default::default()
+    };
+    resource_metrics("process", resource, metrics).unwrap()
+}
+
+#[test]
+fn the_encoded_request_is_the_prost_built_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let processes = vec![
+        Process::new(100, "app", &["--config", "/etc/app.yaml"]),
+        Process::new(101, "db", &["a  b", "", "(x)"]),
+        Process::new(102, "worker", &[]),
+    ];
+    fixture::write(dir.path(), &processes).unwrap();
+    let mut scrapers = Scrapers::new(&config(dir.path(), "  process: {}\n"), KERNEL);
+    // The first scrape encodes each resource, the second copies the kept encoding.
+    for now in [NOW_SECS, NOW_SECS + 10] {
+        let output = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(now));
+        let request = output.request().unwrap();
+        // In the order of the listing, which the scraper keeps.
+        let expected = ExportMetricsServiceRequest {
+            resource_metrics: request
+                .resource_metrics
+                .iter()
+                .map(|rm| resource_attr(rm, "process.pid").unwrap())
+                .map(|pid| processes.iter().find(|p| p.pid.to_string() == pid).unwrap())
+                .map(|p| reference_process(p, "app", now))
+                .collect(),
+        };
+        assert_eq!(expected.resource_metrics.len(), 3);
+        assert_eq!(request, &expected);
+        // Byte for byte what prost encodes from the reference.
+        assert_eq!(output.bytes, prost::Message::encode_to_vec(&expected));
+        assert_eq!(output.data_points, crate::otlp::data_points(&expected));
+    }
+}
+
+#[test]
+fn every_scrapers_encoding_is_what_prost_encodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut processes = odd_processes();
+    processes.extend(fixture::many(40));
+    fixture::write(dir.path(), &processes).unwrap();
+    let all = format!(
+        "  cpu: {{}}\n  memory: {{}}\n  load: {{}}\n  network: {{}}\n{ALL_PROCESS_METRICS}"
+    );
+    let mut scrapers = Scrapers::new(&config(dir.path(), &all), KERNEL);
+    for s in [0, 10, 20] {
+        let output = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + s));
+        let request = output.request().unwrap();
+        assert!(request.resource_metrics.len() > 40);
+        assert_eq!(output.bytes, prost::Message::encode_to_vec(request));
+        assert_eq!(output.data_points, crate::otlp::data_points(request));
+        let counts = crate::otlp::wire::count(&output.bytes).unwrap();
+        assert_eq!(counts.data_points, output.data_points);
+    }
+}
+
+#[test]
+fn a_process_whose_attributes_change_gets_a_fresh_resource() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::new(100, "app", &["--one"]);
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    let mut scrapers = Scrapers::new(&config(dir.path(), "  process: {}\n"), KERNEL);
+    let mut s = 0;
+    let mut scrape = |scrapers: &mut Scrapers| {
+        s += 10;
+        let output = scrapers.scrape(UNIX_EPOCH + Duration::from_secs(NOW_SECS + s));
+        let rm = &output.request().unwrap().resource_metrics[0];
+        [
+            "process.parent_pid",
+            "process.executable.name",
+            "process.executable.path",
+            "process.command_line",
+            "process.owner",
+        ]
+        .map(|k| resource_attr(rm, k).unwrap_or_default())
+    };
+    let first = scrape(&mut scrapers);
+    assert_eq!(
+        first,
+        ["1", "app", "/usr/bin/app", "/usr/bin/app --one", "app"]
+    );
+    assert_eq!(scrape(&mut scrapers), first);
+
+    // `setproctitle`, or arguments rewritten in place.
+    p.cmdline = b"/usr/bin/app\0--two\0".to_vec();
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    let cmdline = scrape(&mut scrapers);
+    assert_eq!(cmdline[3], "/usr/bin/app --two");
+
+    // The owner's name changes in passwd (the uid is the same).
+    let uid = std::fs::metadata(dir.path().join("proc")).unwrap().uid();
+    std::fs::write(
+        dir.path().join("etc/passwd"),
+        format!("service:x:{uid}:{uid}::/home/service:/bin/sh\n"),
+    )
+    .unwrap();
+    assert_eq!(scrape(&mut scrapers)[4], "service");
+
+    // An exec: another `comm` and executable.
+    p.comm = b"app2".to_vec();
+    p.exe = Some("/usr/bin/app2".into());
+    p.cmdline = b"/usr/bin/app2\0".to_vec();
+    p.ppid = 7;
+    fixture::write(dir.path(), std::slice::from_ref(&p)).unwrap();
+    // `write` rewrote passwd as the fixture's.
+    assert_eq!(
+        scrape(&mut scrapers),
+        ["7", "app2", "/usr/bin/app2", "/usr/bin/app2", "app"]
+    );
 }
