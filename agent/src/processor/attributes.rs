@@ -441,7 +441,7 @@ struct ActionList {
     /// find in encoded bytes. Bytes that hold none of them hold no attribute an action
     /// changes, which one substring search for all of them tells faster than reading the
     /// attributes.
-    keys: Option<AhoCorasick>,
+    keys: Option<KeyFinder>,
 }
 
 impl ActionList {
@@ -465,8 +465,7 @@ impl ActionList {
                 _ => None,
             })
             .collect();
-        // A build error (far beyond any config's size) only loses the shortcut.
-        self.keys = keys.and_then(|keys| AhoCorasick::new(keys).ok());
+        self.keys = keys.and_then(|keys| KeyFinder::new(&keys));
         self.inserts = 0;
         self.always_changes = false;
         self.removes_only = !self.actions.is_empty()
@@ -493,7 +492,7 @@ impl ActionList {
     /// encoded attribute lists, whole): false only when they act on named keys and none of
     /// those is in `bytes`.
     fn may_change(&self, bytes: &[u8]) -> bool {
-        self.keys.as_ref().is_none_or(|keys| keys.is_match(bytes))
+        self.keys.as_ref().is_none_or(|keys| keys.finds(bytes))
     }
 
     /// For a list of [`ActionList::removes_only`]: whether the attribute with this key stays.
@@ -587,6 +586,32 @@ impl ActionList {
             }
         }
         Ok(())
+    }
+}
+
+/// Finds any of a few keys in bytes.
+#[derive(Debug)]
+enum KeyFinder {
+    /// SIMD (Teddy), where the CPU has it: many bytes per step, where an automaton takes one.
+    Packed(aho_corasick::packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
+impl KeyFinder {
+    /// `None` when no finder can be built (far beyond any config's size): only the shortcut
+    /// is lost.
+    fn new(keys: &[&str]) -> Option<Self> {
+        match aho_corasick::packed::Searcher::new(keys.iter()) {
+            Some(packed) => Some(Self::Packed(packed)),
+            None => AhoCorasick::new(keys).ok().map(Self::Automaton),
+        }
+    }
+
+    fn finds(&self, bytes: &[u8]) -> bool {
+        match self {
+            Self::Packed(searcher) => searcher.find(bytes).is_some(),
+            Self::Automaton(automaton) => automaton.is_match(bytes),
+        }
     }
 }
 
@@ -1160,6 +1185,34 @@ mod tests {
                 assert_eq!(attributes(&yaml, one()), one(), "{yaml}");
             }
         }
+    }
+
+    #[test]
+    fn both_key_finders_find_the_same() {
+        use rand::{Rng, SeedableRng};
+        let keys = ["process.pid", "process.parent_pid", "k", "x.y"];
+        let packed = KeyFinder::new(&keys).unwrap();
+        assert!(
+            matches!(packed, KeyFinder::Packed(_)),
+            "no SIMD here: {packed:?}"
+        );
+        let automaton = KeyFinder::Automaton(AhoCorasick::new(keys).unwrap());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"process.pidarent_kxy ";
+        let mut found = 0;
+        for _ in 0..2000 {
+            let len = rng.random_range(0..64);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            let expected = keys
+                .iter()
+                .any(|k| bytes.windows(k.len()).any(|w| w == k.as_bytes()));
+            assert_eq!(packed.finds(&bytes), expected, "{bytes:?}");
+            assert_eq!(automaton.finds(&bytes), expected, "{bytes:?}");
+            found += usize::from(expected);
+        }
+        assert!(found > 200 && found < 1800, "{found}");
     }
 
     #[test]
