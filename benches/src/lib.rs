@@ -649,6 +649,41 @@ actions:
 
 /// Builds a processor the way the agent does: parse the component's YAML, then build.
 pub fn build_processor(id: &str, yaml: &str) -> Result<Box<dyn Processor>> {
+    let (id, config) = parse_processor(id, yaml)?;
+    Ok(processor::state::standalone(config.as_ref(), "bench", &id))
+}
+
+/// Builds processors in order the way the agent does, two that can share a pass over each
+/// payload as one (see `ProcessorConfig::build_fused`).
+fn build_processors(processors: &[(&str, &str)]) -> Result<Vec<Box<dyn Processor>>> {
+    let parsed = processors
+        .iter()
+        .map(|(id, yaml)| parse_processor(id, yaml))
+        .collect::<Result<Vec<_>>>()?;
+    let mut built = Vec::with_capacity(parsed.len());
+    let mut i = 0;
+    while let Some((id, config)) = parsed.get(i) {
+        let fused = parsed.get(i + 1).and_then(|(_, next)| {
+            processor::state::standalone_fused(config.as_ref(), next.as_ref(), "bench", id)
+        });
+        match fused {
+            Some(processor) => {
+                built.push(processor);
+                i += 2;
+            }
+            None => {
+                built.push(processor::state::standalone(config.as_ref(), "bench", id));
+                i += 1;
+            }
+        }
+    }
+    Ok(built)
+}
+
+fn parse_processor(
+    id: &str,
+    yaml: &str,
+) -> Result<(ComponentId, Arc<dyn processor::ProcessorConfig>)> {
     let id = ComponentId::parse(id).map_err(|e| anyhow!(e))?;
     let value: serde_yaml::Value =
         serde_yaml::from_str(yaml).with_context(|| format!("processor {id}: YAML"))?;
@@ -662,7 +697,7 @@ pub fn build_processor(id: &str, yaml: &str) -> Result<Box<dyn Processor>> {
                 .join("; ")
         )
     })?;
-    Ok(processor::state::standalone(config.as_ref(), "bench", &id))
+    Ok((id, config))
 }
 
 /// One pipeline without its queue and exporters: the processors in order, then the volume
@@ -680,10 +715,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// `processors` as (component id, YAML config) pairs.
     pub fn new(name: &str, processors: &[(&str, &str)]) -> Result<Self> {
-        let stages = processors
-            .iter()
-            .map(|(id, yaml)| build_processor(id, yaml))
-            .collect::<Result<_>>()?;
+        let stages = build_processors(processors)?;
         Ok(Self {
             stages,
             meter: VolumeMeter::new(name),

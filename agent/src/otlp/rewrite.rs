@@ -754,6 +754,11 @@ pub trait Edit {
     /// Decides one metric by its name.
     fn metric(&mut self, resource: Self::Resource, name: &str) -> MetricEdit<Self::Point>;
 
+    /// Whether [`Self::PRUNE`] applies under a resource decided so (for edits made of several).
+    fn prunes(&self, _resource: Self::Resource) -> bool {
+        Self::PRUNE
+    }
+
     /// Whether anything in a `ScopeMetrics` under a resource the walk goes into may change,
     /// judged from its encoded body alone. An edit that can tell from the bytes that nothing
     /// does (no point holds a key it acts on, say) returns false, and the scope is kept whole,
@@ -786,6 +791,141 @@ pub trait Edit {
         attribute_field: u32,
         out: &mut Vec<u8>,
     ) -> Result<(), WireError>;
+}
+
+/// Two edits in one walk: `first`, then `second` on what `first` keeps, as if the request
+/// were rewritten by `first` and the result by `second`, with one walk and one copy.
+///
+/// `first` may only drop (resources, metrics, points) and prune; `second` may change
+/// attributes but never drops nor prunes. Anything else is refused with an error at the
+/// first decision that breaks it.
+pub struct Then<A, B> {
+    pub first: A,
+    pub second: B,
+}
+
+/// A decision [`Then`] cannot compose.
+const NOT_COMPOSABLE: WireError = WireError::Truncated("edit that cannot be composed");
+
+impl<A: Edit, B: Edit> Edit for Then<A, B> {
+    type Resource = (A::Resource, B::Resource);
+    type Point = (Option<A::Point>, Option<B::Point>);
+
+    const PRUNE: bool = {
+        assert!(!B::PRUNE, "the second edit of a Then must not prune");
+        A::PRUNE
+    };
+
+    fn resource(
+        &mut self,
+        resource: Option<&[u8]>,
+    ) -> Result<ResourceEdit<Self::Resource>, WireError> {
+        let first = match self.first.resource(resource)? {
+            ResourceEdit::Drop => return Ok(ResourceEdit::Drop),
+            ResourceEdit::Keep(first) => first,
+            ResourceEdit::Rewrite(_) | ResourceEdit::FilterAttributes(_) => {
+                return Err(NOT_COMPOSABLE)
+            }
+        };
+        Ok(match self.second.resource(resource)? {
+            ResourceEdit::Drop => return Err(NOT_COMPOSABLE),
+            ResourceEdit::Keep(second) => ResourceEdit::Keep((first, second)),
+            ResourceEdit::Rewrite(second) => ResourceEdit::Rewrite((first, second)),
+            ResourceEdit::FilterAttributes(second) => {
+                ResourceEdit::FilterAttributes((first, second))
+            }
+        })
+    }
+
+    fn write_resource(
+        &mut self,
+        resource: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        self.second.write_resource(resource, out)
+    }
+
+    fn descends(&self, (first, second): Self::Resource) -> bool {
+        self.first.descends(first) || self.second.descends(second)
+    }
+
+    fn prunes(&self, (first, _): Self::Resource) -> bool {
+        // Where the first edit alone would have walked.
+        A::PRUNE && self.first.descends(first)
+    }
+
+    fn may_change_scope(&mut self, (first, second): Self::Resource, scope_metrics: &[u8]) -> bool {
+        (self.first.descends(first) && self.first.may_change_scope(first, scope_metrics))
+            || (self.second.descends(second) && self.second.may_change_scope(second, scope_metrics))
+    }
+
+    fn reads_metric_names(&self, (first, second): Self::Resource) -> bool {
+        (self.first.descends(first) && self.first.reads_metric_names(first))
+            || (self.second.descends(second) && self.second.reads_metric_names(second))
+    }
+
+    fn metric(&mut self, (first, second): Self::Resource, name: &str) -> MetricEdit<Self::Point> {
+        let first = match self.first.descends(first) {
+            false => None,
+            true => match self.first.metric(first, name) {
+                MetricEdit::Drop => return MetricEdit::Drop,
+                MetricEdit::KeepAll => None,
+                MetricEdit::PerPoint(rule) => Some(rule),
+            },
+        };
+        let second = match self.second.descends(second) {
+            false => None,
+            true => match self.second.metric(second, name) {
+                MetricEdit::Drop => return MetricEdit::Drop,
+                MetricEdit::KeepAll => None,
+                MetricEdit::PerPoint(rule) => Some(rule),
+            },
+        };
+        match (first, second) {
+            (None, None) => MetricEdit::KeepAll,
+            rules => MetricEdit::PerPoint(rules),
+        }
+    }
+
+    fn point(
+        &mut self,
+        (first, second): Self::Point,
+        attributes: Attributes<'_>,
+    ) -> Result<PointEdit, WireError> {
+        if let Some(rule) = first {
+            match self.first.point(rule, attributes)? {
+                PointEdit::Keep => {}
+                PointEdit::Drop => return Ok(PointEdit::Drop),
+                PointEdit::Rewrite | PointEdit::FilterAttributes => return Err(NOT_COMPOSABLE),
+            }
+        }
+        match second {
+            None => Ok(PointEdit::Keep),
+            Some(rule) => match self.second.point(rule, attributes)? {
+                PointEdit::Drop => Err(NOT_COMPOSABLE),
+                edit => Ok(edit),
+            },
+        }
+    }
+
+    fn keep_attribute(
+        &mut self,
+        on_resource: bool,
+        attribute: KeyValueRef<'_>,
+    ) -> Result<bool, WireError> {
+        self.second.keep_attribute(on_resource, attribute)
+    }
+
+    fn write_point(
+        &mut self,
+        (_, second): Self::Point,
+        point: &[u8],
+        attribute_field: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<(), WireError> {
+        let rule = second.ok_or(NOT_COMPOSABLE)?;
+        self.second.write_point(rule, point, attribute_field, out)
+    }
 }
 
 /// What [`rewrite`] made of a request.
@@ -1075,7 +1215,7 @@ impl<E: Edit, V: Visitor> Walk<'_, '_, E, V> {
                 _ => {}
             }
         }
-        if E::PRUNE && descend && scopes == 0 {
+        if self.edit.prunes(state) && descend && scopes == 0 {
             self.rw.leave_dropped()?;
             return Ok(false);
         }
@@ -1110,7 +1250,7 @@ impl<E: Edit, V: Visitor> Walk<'_, '_, E, V> {
                 metrics += 1;
             }
         }
-        if E::PRUNE && metrics == 0 {
+        if self.edit.prunes(resource) && metrics == 0 {
             self.rw.leave_dropped()?;
             return Ok(false);
         }
@@ -1157,7 +1297,7 @@ impl<E: Edit, V: Visitor> Walk<'_, '_, E, V> {
         let kept = match rule {
             // Nothing inside a metric kept whole is written: it needs no frame of its own. Its
             // points are counted only to prune it if it has none.
-            None if E::PRUNE => metric_points(input, metric)?,
+            None if self.edit.prunes(resource) => metric_points(input, metric)?,
             None => 1,
             Some(rule) => {
                 self.rw.enter(metric);
@@ -1181,7 +1321,7 @@ impl<E: Edit, V: Visitor> Walk<'_, '_, E, V> {
                 kept
             }
         };
-        let pruned = E::PRUNE && kept == 0;
+        let pruned = self.edit.prunes(resource) && kept == 0;
         match (rule.is_some(), pruned) {
             (true, true) => self.rw.leave_dropped()?,
             (true, false) => {

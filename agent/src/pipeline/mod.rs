@@ -305,14 +305,32 @@ fn build_stages(
     previous: Option<&StateRegistry>,
     states: &mut StateRegistry,
 ) -> Vec<runner::Stage> {
-    spec.processors
+    let processors: Vec<_> = spec
+        .processors
         .iter()
         .filter_map(|p| config.processors.iter().find(|(id, _)| id.as_str() == p))
-        .map(|(id, c)| {
-            let mut context = BuildContext::new(name, id, &c.raw, previous, states);
-            runner::Stage::new(name, id, c.config.build(&mut context))
-        })
-        .collect()
+        .collect();
+    let mut stages = Vec::with_capacity(processors.len());
+    let mut i = 0;
+    while let Some((id, c)) = processors.get(i) {
+        let mut context = BuildContext::new(name, id, &c.raw, previous, states);
+        // Two processors that can share one pass over each payload run as one stage.
+        let fused = processors.get(i + 1).and_then(|(next_id, next)| {
+            let fused = c.config.build_fused(next.config.as_ref(), &mut context)?;
+            Some(runner::Stage::fused(name, id, next_id, fused))
+        });
+        match fused {
+            Some(stage) => {
+                stages.push(stage);
+                i += 2;
+            }
+            None => {
+                stages.push(runner::Stage::new(name, id, c.config.build(&mut context)));
+                i += 1;
+            }
+        }
+    }
+    stages
 }
 
 fn start_pipeline(
@@ -366,6 +384,45 @@ fn start_pipeline(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A `filter` followed by an `attributes` processor runs as one stage; any other order or
+    /// neighbour does not.
+    #[test]
+    fn a_filter_then_attributes_run_as_one_stage() {
+        let cases = [
+            ("[filter, attributes]", 1),
+            ("[filter, attributes, attributes/2, filter/2]", 3),
+            ("[attributes, filter]", 2),
+            ("[filter, filter/2, attributes]", 2),
+            ("[filter, batch, attributes]", 3),
+        ];
+        for (processors, stages) in cases {
+            let yaml = format!(
+                r#"
+receivers:
+  otlp: {{ protocols: {{ grpc: {{ endpoint: "127.0.0.1:0" }} }} }}
+processors:
+  filter: {{ exclude: {{ metric_names: [x] }} }}
+  filter/2: {{ exclude: {{ metric_names: [y] }} }}
+  attributes: {{ actions: [{{ key: a, action: delete }}] }}
+  attributes/2: {{ actions: [{{ key: b, action: delete }}] }}
+  batch: {{}}
+exporters:
+  blackhole: {{}}
+pipelines:
+  p:
+    receivers: [otlp]
+    processors: {processors}
+    exporters: [blackhole]
+"#
+            );
+            let config = AgentConfig::from_yaml(&yaml, std::path::Path::new("a.yaml")).unwrap();
+            let spec = &config.pipelines["p"];
+            let mut states = StateRegistry::default();
+            let built = build_stages("p", spec, &config, None, &mut states);
+            assert_eq!(built.len(), stages, "{processors}");
+        }
+    }
 
     /// Receivers decode a request up front only for a pipeline whose processors read the
     /// received request decoded; what comes after `aggregate` reads only its output.

@@ -23,17 +23,43 @@ pub struct Stage {
     incoming: Counter,
     outgoing: Counter,
     dropped: Counter,
+    /// The counters of a second processor whose work this one does too (see
+    /// `ProcessorConfig::build_fused`); it drops nothing, so what it takes in is what this
+    /// stage passes on.
+    fused: Option<(Counter, Counter)>,
+}
+
+fn processor_counters(pipeline: &str, id: &ComponentId) -> (Counter, Counter) {
+    let (p, c) = (pipeline.to_string(), id.to_string());
+    (
+        metrics::counter!(telemetry::PROCESSOR_INCOMING, "pipeline" => p.clone(), "processor" => c.clone()),
+        metrics::counter!(telemetry::PROCESSOR_OUTGOING, "pipeline" => p, "processor" => c),
+    )
 }
 
 impl Stage {
     pub fn new(pipeline: &str, id: &ComponentId, processor: Box<dyn Processor>) -> Self {
-        let (p, c) = (pipeline.to_string(), id.to_string());
+        let (incoming, outgoing) = processor_counters(pipeline, id);
         Self {
             id: id.clone(),
             processor,
-            incoming: metrics::counter!(telemetry::PROCESSOR_INCOMING, "pipeline" => p.clone(), "processor" => c.clone()),
-            outgoing: metrics::counter!(telemetry::PROCESSOR_OUTGOING, "pipeline" => p.clone(), "processor" => c),
-            dropped: metrics::counter!(telemetry::PIPELINE_DROPPED, "pipeline" => p, "reason" => "processor_error"),
+            incoming,
+            outgoing,
+            dropped: metrics::counter!(telemetry::PIPELINE_DROPPED, "pipeline" => pipeline.to_string(), "reason" => "processor_error"),
+            fused: None,
+        }
+    }
+
+    /// A stage doing the work of processors `id` and `then`, in that order.
+    pub fn fused(
+        pipeline: &str,
+        id: &ComponentId,
+        then: &ComponentId,
+        processor: Box<dyn Processor>,
+    ) -> Self {
+        Self {
+            fused: Some(processor_counters(pipeline, then)),
+            ..Self::new(pipeline, id, processor)
         }
     }
 }
@@ -73,9 +99,12 @@ fn run_stages(
                 }
             };
         }
-        stage
-            .outgoing
-            .increment(next.iter().map(Payload::data_points).sum());
+        let passed_on = next.iter().map(Payload::data_points).sum();
+        stage.outgoing.increment(passed_on);
+        if let Some((incoming, outgoing)) = &stage.fused {
+            incoming.increment(passed_on);
+            outgoing.increment(passed_on);
+        }
         payloads = next;
     }
     let premetered = premetered && payloads.len() == 1;

@@ -418,7 +418,7 @@ impl KeySet {
 
 /// The compiled actions, split by target, each list in config order.
 #[derive(Debug, Default)]
-struct Actions {
+pub(crate) struct Actions {
     resource: ActionList,
     datapoint: ActionList,
     /// Whether a resource action may add an attribute, so a missing resource is created.
@@ -715,8 +715,14 @@ impl<'a> Attribute<'a> {
 }
 
 /// The actions as the wire-level rewrite asks for them.
-struct AttributesEdit<'a> {
+pub(crate) struct AttributesEdit<'a> {
     actions: &'a Actions,
+}
+
+impl<'a> AttributesEdit<'a> {
+    pub(crate) fn new(actions: &'a Actions) -> Self {
+        Self { actions }
+    }
 }
 
 impl Edit for AttributesEdit<'_> {
@@ -815,6 +821,13 @@ impl Edit for AttributesEdit<'_> {
 #[derive(Debug)]
 pub struct AttributesConfig {
     actions: Arc<Actions>,
+}
+
+impl AttributesConfig {
+    /// The compiled actions, for a processor that runs them fused with its own work.
+    pub(crate) fn actions(&self) -> Arc<Actions> {
+        Arc::clone(&self.actions)
+    }
 }
 
 impl ProcessorConfig for AttributesConfig {
@@ -1040,7 +1053,7 @@ mod oracle {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::otlp::testdata::{
         all_types, gauge_metric, int_attr, number_point, request, resource_metrics, string_attr,
@@ -1643,7 +1656,7 @@ actions:
     }
 
     /// A random action list drawn from what random requests hold. JSON is YAML.
-    fn random_config(rng: &mut rand::rngs::StdRng) -> String {
+    pub(crate) fn random_config(rng: &mut rand::rngs::StdRng) -> String {
         use crate::otlp::rewrite::tests::KEYS;
         use rand::seq::IndexedRandom;
         use rand::Rng;

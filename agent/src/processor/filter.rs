@@ -19,12 +19,13 @@ use serde_yaml::Value;
 use super::pattern::{all_match, present, AttributeCriterion, Criteria, PatternText};
 use super::{BuildContext, ProcessError, Processor, ProcessorConfig, ProcessorFactory};
 use crate::config::{self, Issue};
-use crate::otlp::rewrite::Unobserved;
 use crate::otlp::rewrite::{
     self, Attributes, Edit, KeyValueRef, MetricEdit, PointEdit, ResourceEdit,
 };
+use crate::otlp::rewrite::{Then, Unobserved};
 use crate::otlp::wire::{Visitor, WireError};
 use crate::otlp::Payload;
+use crate::processor::attributes::{Actions, AttributesConfig, AttributesEdit};
 use crate::stats::SeriesSink;
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
@@ -305,7 +306,24 @@ impl ProcessorConfig for FilterConfig {
         Box::new(FilterProcessor {
             filter: Arc::clone(&self.filter),
             scratch: String::new(),
+            then: None,
         })
+    }
+
+    /// A filter and the `attributes` processor after it rewrite each request in one walk:
+    /// the filter only drops, the attributes processor never does.
+    fn build_fused(
+        &self,
+        next: &dyn ProcessorConfig,
+        _context: &mut BuildContext<'_>,
+    ) -> Option<Box<dyn Processor>> {
+        let next: &dyn std::any::Any = next;
+        let attributes = next.downcast_ref::<AttributesConfig>()?;
+        Some(Box::new(FilterProcessor {
+            filter: Arc::clone(&self.filter),
+            scratch: String::new(),
+            then: Some(attributes.actions()),
+        }))
     }
 }
 
@@ -313,6 +331,8 @@ struct FilterProcessor {
     filter: Arc<Filter>,
     /// Where non-string attribute values are rendered for matching, reused.
     scratch: String,
+    /// The actions of an `attributes` processor fused after the filter.
+    then: Option<Arc<Actions>>,
 }
 
 impl Processor for FilterProcessor {
@@ -339,11 +359,20 @@ impl FilterProcessor {
         out: &mut Vec<Payload>,
         observer: Option<&mut V>,
     ) -> Result<bool, ProcessError> {
-        let mut edit = FilterEdit {
+        let filter = FilterEdit {
             filter: &self.filter,
             scratch: &mut self.scratch,
         };
-        let (output, observed) = rewrite::rewrite_payload_observed(input, &mut edit, observer)?;
+        let (output, observed) = match &self.then {
+            None => rewrite::rewrite_payload_observed(input, &mut { filter }, observer)?,
+            Some(actions) => {
+                let mut both = Then {
+                    first: filter,
+                    second: AttributesEdit::new(actions),
+                };
+                rewrite::rewrite_payload_observed(input, &mut both, observer)?
+            }
+        };
         // Nothing left is nothing to send.
         if output.resources > 0 {
             out.push(output.payload);
@@ -1320,6 +1349,66 @@ exclude:
             series += assert_metered_as_walked("filter", &yaml, input);
         }
         assert!(series > 3_000, "{series} series");
+    }
+
+    /// A filter fused with the `attributes` processor after it gives what the two give one
+    /// after the other, and meters its output exactly, on random configs and requests.
+    #[test]
+    fn fused_with_attributes_equals_one_after_the_other() {
+        use crate::otlp::rewrite::tests::{random_request, shared};
+        use crate::processor::test_util::fused;
+        use crate::stats::{for_each_series, series_hash_state, SeriesSink};
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x4655_5345);
+        let state = series_hash_state();
+        let (mut changed, mut emptied) = (0, 0);
+        for round in 0..3000 {
+            let yaml = random_config(&mut rng);
+            let then_yaml = crate::processor::attributes::tests::random_config(&mut rng);
+            let request = random_request(&mut rng);
+            let expected: Vec<_> = run(
+                "attributes",
+                &then_yaml,
+                run("filter", &yaml, vec![shared(&request)]),
+            )
+            .into_iter()
+            .map(|p| p.into_request().unwrap())
+            .collect();
+            let mut processor = fused("filter", &yaml, "attributes", &then_yaml).unwrap();
+            let input = match round % 2 {
+                0 => shared(&request),
+                _ => Payload::Decoded(request.clone()),
+            };
+            let mut reported = Vec::new();
+            let mut out = Vec::new();
+            let metered = processor
+                .process_metered(input, &mut out, &mut SeriesSink::new(&state, &mut reported))
+                .unwrap();
+            assert!(metered);
+            let mut walked = Vec::new();
+            let got: Vec<_> = out
+                .into_iter()
+                .map(|p| {
+                    for_each_series(&state, &p.clone().into_bytes(), |s| walked.push(s)).unwrap();
+                    let points = p.data_points();
+                    let got = p.into_request().unwrap();
+                    assert_eq!(points, crate::otlp::data_points(&got));
+                    got
+                })
+                .collect();
+            assert_eq!(got, expected, "{yaml}\n{then_yaml}\n{request:?}");
+            reported.sort_unstable();
+            walked.sort_unstable();
+            assert_eq!(reported, walked, "{yaml}\n{then_yaml}");
+            match got.first() {
+                None => emptied += 1,
+                Some(got) => changed += usize::from(*got != request),
+            }
+        }
+        assert!(
+            changed > 500 && emptied > 300,
+            "{changed} changed, {emptied} emptied"
+        );
     }
 
     /// The wire-level filter gives what the struct-level filter it replaced gives, on random

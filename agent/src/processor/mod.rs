@@ -20,6 +20,7 @@ pub mod streams;
 pub mod topk;
 pub mod window;
 
+use std::any::Any;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,7 +34,7 @@ use crate::stats::SeriesSink;
 pub use state::{BuildContext, SharedState, StateRegistry};
 
 /// The parsed, validated and compiled config of one processor.
-pub trait ProcessorConfig: Send + Sync + Debug {
+pub trait ProcessorConfig: Send + Sync + Debug + Any {
     /// A runtime instance. Cannot fail: everything that can was checked when parsing.
     /// Stateful processors take their state from `context`, which carries it over a reload.
     fn build(&self, context: &mut BuildContext<'_>) -> Box<dyn Processor>;
@@ -48,6 +49,17 @@ pub trait ProcessorConfig: Send + Sync + Debug {
     /// decoded itself), so that the processors after it never read a received request.
     fn replaces_input(&self) -> bool {
         false
+    }
+
+    /// A processor doing this one's work and then `next`'s in one pass over each payload,
+    /// when the two can share it (a `filter` then an `attributes`: one walk of the request
+    /// and one copy, not two); `None` when they cannot. `next` comes right after this one.
+    fn build_fused(
+        &self,
+        _next: &dyn ProcessorConfig,
+        _context: &mut BuildContext<'_>,
+    ) -> Option<Box<dyn Processor>> {
+        None
     }
 }
 
@@ -160,6 +172,22 @@ pub mod test_util {
         walked.sort_unstable();
         assert_eq!(reported, walked, "{yaml}");
         walked.len()
+    }
+
+    /// Processor `kind` fused with processor `then` after it, if they fuse.
+    pub fn fused(
+        kind: &str,
+        yaml: &str,
+        then: &str,
+        then_yaml: &str,
+    ) -> Option<Box<dyn Processor>> {
+        let id = ComponentId::parse(kind).unwrap();
+        let config = parse(&id, serde_yaml::from_str(yaml).unwrap()).unwrap();
+        let then_id = ComponentId::parse(then).unwrap();
+        let then_config = parse(&then_id, serde_yaml::from_str(then_yaml).unwrap()).unwrap();
+        let mut registry = state::StateRegistry::default();
+        let mut context = BuildContext::new("test", &id, &Value::Null, None, &mut registry);
+        config.build_fused(then_config.as_ref(), &mut context)
     }
 
     /// The issues that parsing `yaml` as processor `kind` reports.

@@ -123,6 +123,20 @@ pub fn standalone(
     ))
 }
 
+/// [`super::ProcessorConfig::build_fused`] outside any pipeline, as [`standalone`] builds.
+pub fn standalone_fused(
+    config: &dyn super::ProcessorConfig,
+    next: &dyn super::ProcessorConfig,
+    pipeline: &str,
+    id: &ComponentId,
+) -> Option<Box<dyn super::Processor>> {
+    let mut registry = StateRegistry::default();
+    config.build_fused(
+        next,
+        &mut BuildContext::new(pipeline, id, &Value::Null, None, &mut registry),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
