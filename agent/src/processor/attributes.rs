@@ -593,23 +593,68 @@ impl ActionList {
 #[derive(Debug)]
 enum KeyFinder {
     /// SIMD (Teddy), where the CPU has it: many bytes per step, where an automaton takes one.
-    Packed(aho_corasick::packed::Searcher),
+    /// It looks for the last segment of each key (`pid` of `process.pid`), then checks the
+    /// whole key around what it found: keys share their namespace with most metric names
+    /// and other attributes (`process.`), and every place a searched prefix starts costs a
+    /// check that stops the SIMD loop (2.6 times the time over process metrics).
+    Packed {
+        searcher: aho_corasick::packed::Searcher,
+        /// Each key, and where its searched segment starts in it.
+        keys: Vec<(Box<[u8]>, usize)>,
+    },
     Automaton(AhoCorasick),
 }
+
+/// Searched segments shorter than this would start too many checks: the whole key is
+/// searched instead.
+const MIN_SEGMENT_LEN: usize = 3;
 
 impl KeyFinder {
     /// `None` when no finder can be built (far beyond any config's size): only the shortcut
     /// is lost.
     fn new(keys: &[&str]) -> Option<Self> {
-        match aho_corasick::packed::Searcher::new(keys.iter()) {
-            Some(packed) => Some(Self::Packed(packed)),
-            None => AhoCorasick::new(keys).ok().map(Self::Automaton),
+        let keys: Vec<(Box<[u8]>, usize)> = keys
+            .iter()
+            .map(|key| {
+                let segment = key
+                    .rfind('.')
+                    .map(|dot| dot + 1)
+                    .filter(|&start| key.len() - start >= MIN_SEGMENT_LEN)
+                    .unwrap_or(0);
+                (Box::from(key.as_bytes()), segment)
+            })
+            .collect();
+        let segments = keys.iter().map(|(key, start)| &key[*start..]);
+        match aho_corasick::packed::Searcher::new(segments) {
+            Some(searcher) => Some(Self::Packed { searcher, keys }),
+            None => AhoCorasick::new(keys.iter().map(|(key, _)| key))
+                .ok()
+                .map(Self::Automaton),
         }
     }
 
     fn finds(&self, bytes: &[u8]) -> bool {
         match self {
-            Self::Packed(searcher) => searcher.find(bytes).is_some(),
+            Self::Packed { searcher, keys } => {
+                let mut from = 0;
+                while let Some(found) =
+                    searcher.find_in(bytes, aho_corasick::Span::from(from..bytes.len()))
+                {
+                    // Any key whose segment starts here, not only the one reported: two
+                    // segments may start at the same place.
+                    let at = found.start();
+                    let whole = |(key, start): &(Box<[u8]>, usize)| {
+                        at.checked_sub(*start)
+                            .and_then(|begin| bytes.get(begin..begin + key.len()))
+                            .is_some_and(|candidate| candidate == &key[..])
+                    };
+                    if keys.iter().any(whole) {
+                        return true;
+                    }
+                    from = at + 1;
+                }
+                false
+            }
             Self::Automaton(automaton) => automaton.is_match(bytes),
         }
     }
@@ -1203,29 +1248,48 @@ pub(crate) mod tests {
     #[test]
     fn both_key_finders_find_the_same() {
         use rand::{Rng, SeedableRng};
-        let keys = ["process.pid", "process.parent_pid", "k", "x.y"];
+        // Keys that share a searched segment (`pid`), whose segments start alike (`pid`,
+        // `pid_x`), without a dot, and shorter than a segment worth searching.
+        let keys = [
+            "process.pid",
+            "process.parent_pid",
+            "a.pid",
+            "b.pid_x",
+            "k",
+            "x.y",
+        ];
         let packed = KeyFinder::new(&keys).unwrap();
         assert!(
-            matches!(packed, KeyFinder::Packed(_)),
+            matches!(packed, KeyFinder::Packed { .. }),
             "no SIMD here: {packed:?}"
         );
         let automaton = KeyFinder::Automaton(AhoCorasick::new(keys).unwrap());
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let alphabet = b"process.pidarent_kxy ";
-        let mut found = 0;
-        for _ in 0..2000 {
-            let len = rng.random_range(0..64);
+        // Pieces of the keys, so that near misses are frequent.
+        let pieces = [
+            "process.", "process", "pid", "parent_", "a.", "b.", "_x", "x.", "y", ".", "s", "p",
+            "k",
+        ];
+        let (mut found, mut found_without_k) = (0, 0);
+        for _ in 0..5000 {
+            let len = rng.random_range(0..12);
             let bytes: Vec<u8> = (0..len)
-                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .flat_map(|_| pieces[rng.random_range(0..pieces.len())].bytes())
                 .collect();
-            let expected = keys
-                .iter()
-                .any(|k| bytes.windows(k.len()).any(|w| w == k.as_bytes()));
-            assert_eq!(packed.finds(&bytes), expected, "{bytes:?}");
+            let holds = |k: &&str| bytes.windows(k.len()).any(|w| w == k.as_bytes());
+            let expected = keys.iter().any(holds);
+            assert_eq!(
+                packed.finds(&bytes),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(&bytes)
+            );
             assert_eq!(automaton.finds(&bytes), expected, "{bytes:?}");
             found += usize::from(expected);
+            found_without_k += usize::from(keys.iter().filter(|k| **k != "k").any(holds));
         }
-        assert!(found > 200 && found < 1800, "{found}");
+        assert!(found > 1000 && found < 4000, "{found}");
+        assert!(found_without_k > 300, "{found_without_k}");
     }
 
     #[test]
