@@ -61,6 +61,17 @@ fn chain(c: &mut Criterion) {
     group.bench_function("e2e_candidate_meter_walks", |b| {
         b.iter(|| candidate.process(fresh()).expect("processes"))
     });
+    // Both pipelines of the end-to-end bench on one shared batch: the second meter reads the
+    // point hashes the first left (`stats::PointHashes`).
+    let mut passthrough = Pipeline::new("passthrough", &[]).expect("valid");
+    let mut candidate = Pipeline::new("candidate", e2e).expect("valid");
+    group.bench_function("e2e_passthrough+candidate", |b| {
+        b.iter(|| {
+            let batch = fresh();
+            passthrough.process(batch.clone()).expect("processes");
+            candidate.process(batch).expect("processes");
+        })
+    });
     let mut baseline = Pipeline::new("baseline", &[("batch", configs::BATCH)]).expect("valid");
     let mut candidate = Pipeline::new("candidate", CANDIDATE).expect("valid");
     group.bench_function("baseline+candidate", |b| {

@@ -760,12 +760,13 @@ impl Pipeline {
         let premetered = premetered && payloads.len() == 1;
         for payload in payloads {
             let points = payload.data_points();
-            let bytes = payload.into_bytes();
-            if premetered {
+            let bytes = if premetered {
+                let bytes = payload.into_bytes();
                 self.meter.observe_premetered(bytes.len(), points);
+                bytes
             } else {
-                self.meter.observe(&bytes, points);
-            }
+                self.meter.observe_payload(payload)
+            };
             self.emitted_points += points;
             self.emitted_bytes += bytes.len() as u64;
         }

@@ -15,6 +15,8 @@ pub use opentelemetry_proto::tonic::collector::metrics::v1::{
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use prost::Message;
 
+use crate::stats::PointHashes;
+
 /// One received request, shared read-only by every pipeline it fans out to.
 ///
 /// The encoded bytes always exist; the decoded form is made at most once, when the first
@@ -24,6 +26,9 @@ pub struct Batch {
     bytes: Bytes,
     data_points: u64,
     decoded: OnceLock<Result<ExportMetricsServiceRequest, prost::DecodeError>>,
+    /// The attribute hash of each data point, left by the first pipeline meter to walk the
+    /// batch for the meters of the others.
+    point_hashes: OnceLock<PointHashes>,
 }
 
 impl Batch {
@@ -33,6 +38,7 @@ impl Batch {
             bytes,
             data_points,
             decoded: OnceLock::new(),
+            point_hashes: OnceLock::new(),
         }
     }
 
@@ -46,6 +52,7 @@ impl Batch {
             bytes,
             data_points,
             decoded,
+            point_hashes: OnceLock::new(),
         }
     }
 
@@ -64,6 +71,16 @@ impl Batch {
             Some(decoded) => decoded,
             None => ExportMetricsServiceRequest::decode(self.bytes),
         }
+    }
+
+    /// The hashes of its points a pipeline meter left, if one did.
+    pub fn point_hashes(&self) -> Option<&PointHashes> {
+        self.point_hashes.get()
+    }
+
+    /// Leaves the hashes of its points for the other pipelines; the first offer stays.
+    pub fn offer_point_hashes(&self, hashes: PointHashes) {
+        let _ = self.point_hashes.set(hashes);
     }
 
     pub fn decoded(&self) -> Result<&ExportMetricsServiceRequest, prost::DecodeError> {

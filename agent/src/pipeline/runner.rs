@@ -148,12 +148,13 @@ impl Output {
         }
         for payload in payloads {
             let data_points = payload.data_points();
-            let bytes = payload.into_bytes();
-            if premetered {
+            let bytes = if premetered {
+                let bytes = payload.into_bytes();
                 self.meter.observe_premetered(bytes.len(), data_points);
+                bytes
             } else {
-                self.meter.observe(&bytes, data_points);
-            }
+                self.meter.observe_payload(payload)
+            };
             for exporter in &self.exporters {
                 let item = ExportItem {
                     bytes: bytes.clone(),

@@ -910,8 +910,9 @@ impl Processor for AttributesProcessor {
         let mut edit = AttributesEdit {
             actions: &self.actions,
         };
+        let mut hasher = series.hasher(&input);
         let (output, observed) =
-            rewrite::rewrite_payload_observed(input, &mut edit, Some(&mut series.hasher()))?;
+            rewrite::rewrite_payload_observed(input, &mut edit, Some(&mut hasher))?;
         out.push(output.payload);
         Ok(observed)
     }
@@ -1817,12 +1818,16 @@ actions:
                 "actions: [{key: process.pid, action: hash}]",
                 "actions: [{key: env, value: prod, action: upsert, on: resource}]",
             ] {
-                let input = Payload::Encoded {
-                    bytes: bytes::Bytes::from(bytes.clone()),
-                    data_points: crate::otlp::data_points(&request),
-                };
-                let series = assert_metered_as_walked("attributes", yaml, input);
-                assert_eq!(series, crate::otlp::data_points(&request) as usize);
+                let data_points = crate::otlp::data_points(&request);
+                let bytes = bytes::Bytes::from(bytes.clone());
+                let batch = Arc::new(Batch::from_validated(bytes.clone(), data_points));
+                for input in [
+                    Payload::Encoded { bytes, data_points },
+                    Payload::Shared(batch),
+                ] {
+                    let series = assert_metered_as_walked("attributes", yaml, input);
+                    assert_eq!(series, data_points as usize);
+                }
             }
         }
     }

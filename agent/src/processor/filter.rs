@@ -347,7 +347,8 @@ impl Processor for FilterProcessor {
         out: &mut Vec<Payload>,
         series: &mut SeriesSink<'_>,
     ) -> Result<bool, ProcessError> {
-        self.filter_payload(input, out, Some(&mut series.hasher()))
+        let mut hasher = series.hasher(&input);
+        self.filter_payload(input, out, Some(&mut hasher))
     }
 }
 

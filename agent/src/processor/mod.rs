@@ -151,7 +151,62 @@ pub mod test_util {
     /// Runs `input` through processor `kind` built from `yaml` as the last stage of a
     /// pipeline, and checks that the series it reports for what it emits are those a walk of
     /// that output finds. Returns how many series that is.
+    ///
+    /// A shared batch is also run as one that another pipeline holds, twice: once with no
+    /// point hashes left in it (the processor's walk leaves them, and a meter walking the
+    /// batch after it must find the same series as without), once with the hashes another
+    /// pipeline's meter left (which the processor's walk reads).
     pub fn assert_metered_as_walked(kind: &str, yaml: &str, input: Payload) -> usize {
+        let shared = match &input {
+            Payload::Shared(batch) => Some((batch.bytes().clone(), batch.data_points())),
+            Payload::Decoded(_) | Payload::Encoded { .. } => None,
+        };
+        let series = metered_as_walked(kind, yaml, input);
+        if let Some((bytes, data_points)) = shared {
+            let state = crate::stats::series_hash_state();
+            let mut plain = Vec::new();
+            crate::stats::for_each_series(&state, &bytes, |s| plain.push(s)).unwrap();
+            plain.sort_unstable();
+            let fresh = || {
+                Arc::new(crate::otlp::Batch::from_validated(
+                    bytes.clone(),
+                    data_points,
+                ))
+            };
+            let series_of = |batch: &Arc<crate::otlp::Batch>| {
+                let mut sink = Vec::new();
+                crate::stats::SeriesSink::new(&state, &mut sink)
+                    .walk_payload(&Payload::Shared(Arc::clone(batch)))
+                    .unwrap();
+                sink.sort_unstable();
+                sink
+            };
+
+            // The processor's walk leaves the hashes; the other pipeline reads them.
+            let recorded = fresh();
+            let other = Arc::clone(&recorded);
+            assert_eq!(
+                metered_as_walked(kind, yaml, Payload::Shared(Arc::clone(&recorded))),
+                series,
+                "{yaml}"
+            );
+            assert_eq!(series_of(&other), plain, "{yaml}: read after the processor");
+
+            // Another pipeline's meter left them; the processor's walk reads them.
+            let read = fresh();
+            let other = Arc::clone(&read);
+            assert_eq!(series_of(&other), plain, "{yaml}: recorded by a meter");
+            assert!(read.point_hashes().is_some() || plain.is_empty(), "{yaml}");
+            assert_eq!(
+                metered_as_walked(kind, yaml, Payload::Shared(read)),
+                series,
+                "{yaml}"
+            );
+        }
+        series
+    }
+
+    fn metered_as_walked(kind: &str, yaml: &str, input: Payload) -> usize {
         let id = ComponentId::parse(kind).unwrap();
         let config = parse(&id, serde_yaml::from_str(yaml).unwrap()).unwrap();
         let mut processor = state::standalone(config.as_ref(), "test", &id);

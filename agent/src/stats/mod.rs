@@ -15,7 +15,9 @@ use hyperloglogplus::{HyperLogLog, HyperLogLogPF};
 use metrics::{Counter, Gauge};
 
 use crate::otlp::wire::{self, AttributeIter, Visitor};
+use crate::otlp::{Batch, Payload};
 use crate::telemetry;
+use bytes::Bytes;
 
 pub const WINDOW: Duration = Duration::from_secs(10);
 /// Distinct series (since start) counted exactly before switching to a HyperLogLog estimate;
@@ -175,16 +177,18 @@ struct SeriesHasher<'a, F> {
     /// The resource, scope and name of the current metric, hashed together.
     metric: u64,
     sink: F,
+    points: PointMemo,
 }
 
 impl<'a, F: FnMut(u64)> SeriesHasher<'a, F> {
-    fn new(state: &'a ahash::RandomState, sink: F) -> Self {
+    fn new(state: &'a ahash::RandomState, sink: F, points: PointMemo) -> Self {
         Self {
             state,
             resource: 0,
             scope: 0,
             metric: 0,
             sink,
+            points,
         }
     }
 }
@@ -204,8 +208,137 @@ impl<F: FnMut(u64)> Visitor for SeriesHasher<'_, F> {
         self.metric = metric_hash(self.state, self.resource, self.scope, name);
     }
     fn data_point(&mut self, attributes: AttributeIter<'_>) {
-        (self.sink)(point_series(self.state, self.metric, attributes));
+        let attributes = self.points.attribute_hash(self.state, attributes);
+        (self.sink)(series_of_point(self.metric, attributes));
     }
+}
+
+/// The attribute hashes of the data points of one received batch, by where each point is
+/// in its bytes. A point's attribute hash is the part of its series hash that depends on the
+/// point alone, and the costly part: reading its fields. The meters of a baseline and of a
+/// shadow candidate that keeps most points unchanged hash the same points; the first to walk
+/// the batch leaves its hashes there, and the other reads them.
+#[derive(Debug)]
+pub struct PointHashes {
+    /// Each point's `offset << 32 | len` in the batch, ascending.
+    spans: Box<[u64]>,
+    hashes: Box<[u64]>,
+}
+
+/// A series hasher's use of a batch's [`PointHashes`].
+pub(crate) enum PointMemo {
+    /// No batch, or no other pipeline to share with.
+    Off,
+    /// Reads the hashes another meter left; `next` is where the last point was found.
+    Read { batch: Arc<Batch>, next: usize },
+    /// Records the hashes of the points found in the batch, left there when done.
+    Record {
+        batch: Arc<Batch>,
+        spans: Vec<u64>,
+        hashes: Vec<u64>,
+    },
+}
+
+impl PointMemo {
+    /// For a walk that meets points of `batch` (its own output, or a rewrite's observer):
+    /// reads what another meter left, or records for the others while another pipeline
+    /// still holds the batch; nothing when none does.
+    pub(crate) fn for_batch(batch: &Arc<Batch>) -> Self {
+        if batch.point_hashes().is_some() {
+            Self::Read {
+                batch: Arc::clone(batch),
+                next: 0,
+            }
+        } else if Arc::strong_count(batch) > 1 {
+            let points = usize::try_from(batch.data_points()).unwrap_or(0);
+            Self::Record {
+                batch: Arc::clone(batch),
+                spans: Vec::with_capacity(points),
+                hashes: Vec::with_capacity(points),
+            }
+        } else {
+            Self::Off
+        }
+    }
+
+    pub(crate) fn for_payload(payload: &Payload) -> Self {
+        match payload {
+            Payload::Shared(batch) => Self::for_batch(batch),
+            Payload::Decoded(_) | Payload::Encoded { .. } => Self::Off,
+        }
+    }
+
+    #[inline]
+    fn attribute_hash(&mut self, state: &ahash::RandomState, attributes: AttributeIter<'_>) -> u64 {
+        match self {
+            Self::Off => unordered_hash(state, attributes),
+            Self::Read { batch, next } => {
+                let found = span_in(batch, attributes.point()).and_then(|span| {
+                    let memo = batch.point_hashes()?;
+                    // Points come in the order of the bytes: the search goes on from the
+                    // last one found, one step at a time (almost always none).
+                    let mut at = *next;
+                    while memo.spans.get(at).is_some_and(|&s| s < span) {
+                        at += 1;
+                    }
+                    *next = at;
+                    (memo.spans.get(at) == Some(&span))
+                        .then(|| memo.hashes.get(at).copied())
+                        .flatten()
+                });
+                found.unwrap_or_else(|| unordered_hash(state, attributes))
+            }
+            Self::Record {
+                batch,
+                spans,
+                hashes,
+            } => {
+                let span = span_in(batch, attributes.point());
+                let hash = unordered_hash(state, attributes);
+                if let Some(span) = span {
+                    // Out-of-order points (hand-made requests) are left out: the list stays
+                    // sorted for the readers.
+                    if spans.last().is_none_or(|&last| last < span) {
+                        spans.push(span);
+                        hashes.push(hash);
+                    }
+                }
+                hash
+            }
+        }
+    }
+}
+
+impl Drop for PointMemo {
+    fn drop(&mut self) {
+        if let Self::Record {
+            batch,
+            spans,
+            hashes,
+        } = self
+        {
+            if !spans.is_empty() {
+                batch.offer_point_hashes(PointHashes {
+                    spans: std::mem::take(spans).into_boxed_slice(),
+                    hashes: std::mem::take(hashes).into_boxed_slice(),
+                });
+            }
+        }
+    }
+}
+
+/// Where `point` is in `batch`'s bytes, as `offset << 32 | len`; `None` if it is elsewhere
+/// (written by a rewrite).
+#[inline]
+fn span_in(batch: &Batch, point: &[u8]) -> Option<u64> {
+    let bytes = batch.bytes();
+    let offset = (point.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
+    if offset.checked_add(point.len())? > bytes.len() {
+        return None;
+    }
+    let offset = u32::try_from(offset).ok()?;
+    let len = u32::try_from(point.len()).ok()?;
+    Some(u64::from(offset) << 32 | u64::from(len))
 }
 
 #[inline]
@@ -240,7 +373,13 @@ fn metric_hash(state: &ahash::RandomState, resource: u64, scope: u64, name: u64)
 /// every bit the series table reads.
 #[inline]
 fn point_series(state: &ahash::RandomState, metric: u64, attributes: AttributeIter<'_>) -> u64 {
-    let mut h = metric.wrapping_add(unordered_hash(state, attributes));
+    series_of_point(metric, unordered_hash(state, attributes))
+}
+
+/// [`point_series`] from the point's attribute hash.
+#[inline]
+fn series_of_point(metric: u64, attributes: u64) -> u64 {
+    let mut h = metric.wrapping_add(attributes);
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
@@ -276,7 +415,7 @@ pub fn for_each_series(
     request: &[u8],
     sink: impl FnMut(u64),
 ) -> Result<(), wire::WireError> {
-    wire::walk(request, &mut SeriesHasher::new(state, sink))
+    wire::walk(request, &mut SeriesHasher::new(state, sink, PointMemo::Off))
 }
 
 /// Where the last processor of a pipeline puts the series of the payload it writes, when it
@@ -293,11 +432,30 @@ impl<'a> SeriesSink<'a> {
         Self { state, hashes }
     }
 
-    /// The visitor to tell about the output, as [`wire::walk`] would walk it.
-    pub fn hasher(&mut self) -> impl Visitor + '_ {
+    /// Puts the series of `payload` in the sink by walking it, as a pipeline meter does.
+    #[cfg(test)]
+    pub(crate) fn walk_payload(&mut self, payload: &Payload) -> Result<(), wire::WireError> {
+        let points = PointMemo::for_payload(payload);
+        let bytes = payload.clone().into_bytes();
         self.hashes.clear();
         let hashes = &mut *self.hashes;
-        SeriesHasher::new(self.state, move |series| hashes.push(series))
+        wire::walk(
+            &bytes,
+            &mut SeriesHasher::new(self.state, |series| hashes.push(series), points),
+        )
+    }
+
+    /// The visitor to tell about the output of a rewrite of `input`, as [`wire::walk`] would
+    /// walk it. Points of a shared input it meets unchanged are hashed once for every
+    /// pipeline (see [`PointHashes`]).
+    pub fn hasher(&mut self, input: &Payload) -> impl Visitor + '_ {
+        self.hashes.clear();
+        let hashes = &mut *self.hashes;
+        SeriesHasher::new(
+            self.state,
+            move |series| hashes.push(series),
+            PointMemo::for_payload(input),
+        )
     }
 }
 
@@ -371,6 +529,20 @@ impl VolumeMeter {
 
     /// Accounts one encoded output request.
     pub fn observe(&mut self, request: &[u8], data_points: u64) {
+        self.observe_with(request, data_points, PointMemo::Off);
+    }
+
+    /// Accounts one output payload and returns its encoding. A batch as received, shared
+    /// with other pipelines, has each point's attributes hashed once for all their meters.
+    pub fn observe_payload(&mut self, payload: Payload) -> Bytes {
+        let points = PointMemo::for_payload(&payload);
+        let data_points = payload.data_points();
+        let bytes = payload.into_bytes();
+        self.observe_with(&bytes, data_points, points);
+        bytes
+    }
+
+    fn observe_with(&mut self, request: &[u8], data_points: u64, points: PointMemo) {
         let tracker = &mut self.series;
         let walked = match &mut self.extra {
             None => {
@@ -379,7 +551,10 @@ impl VolumeMeter {
                 // together let the processor wait for several misses at once.
                 let hashes = &mut self.series_scratch;
                 hashes.clear();
-                let walked = for_each_series(&self.state, request, |series| hashes.push(series));
+                let mut hasher =
+                    SeriesHasher::new(&self.state, |series| hashes.push(series), points);
+                let walked = wire::walk(request, &mut hasher);
+                drop(hasher);
                 for &series in hashes.iter() {
                     tracker.insert(series);
                 }
@@ -487,6 +662,40 @@ mod tests {
         rm.resource.as_mut().unwrap().attributes.reverse();
         request.resource_metrics.extend(swapped.resource_metrics);
         assert_eq!(series_of(&request).len(), 1);
+    }
+
+    #[test]
+    fn point_hashes_are_left_for_other_pipelines_and_count_the_same() {
+        let request = testdata::request(3, 4, 5);
+        let bytes = bytes::Bytes::from(request.encode_to_vec());
+        let batch = || Arc::new(Batch::from_validated(bytes.clone(), 60));
+
+        let alone = batch();
+        let only = PointMemo::for_batch(&alone);
+        assert!(
+            matches!(only, PointMemo::Off),
+            "no other pipeline to leave them for"
+        );
+        let other = Arc::clone(&alone);
+        let shared_with_other = PointMemo::for_batch(&alone);
+        assert!(matches!(shared_with_other, PointMemo::Record { .. }));
+        drop((shared_with_other, other));
+        assert!(
+            alone.point_hashes().is_none(),
+            "nothing recorded, nothing left"
+        );
+
+        let shared = batch();
+        let (mut baseline, mut candidate) = (VolumeMeter::new("a"), VolumeMeter::new("b"));
+        let held = Arc::clone(&shared);
+        baseline.observe_payload(Payload::Shared(Arc::clone(&shared)));
+        let left = shared.point_hashes().expect("left for the candidate");
+        assert_eq!((left.spans.len(), left.hashes.len()), (60, 60));
+        assert!(left.spans.windows(2).all(|w| w[0] < w[1]));
+        candidate.observe_payload(Payload::Shared(held));
+        for meter in [&mut baseline, &mut candidate] {
+            assert_eq!(meter.series.window_count(), (60, false));
+        }
     }
 
     #[test]
