@@ -125,6 +125,7 @@ impl Route {
             };
             permits.push((target, permit));
         }
+        batch.set_pipelines(self.targets.len());
         for (target, permit) in permits {
             permit.send(batch.clone());
             target.incoming.increment(points);

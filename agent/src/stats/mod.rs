@@ -242,14 +242,15 @@ pub(crate) enum PointMemo {
 impl PointMemo {
     /// For a walk that meets points of `batch` (its own output, or a rewrite's observer):
     /// reads what another meter left, or records for the others while another pipeline
-    /// still holds the batch; nothing when none does.
+    /// still holds the batch; nothing when none does. (The receiver may still hold it for a
+    /// moment after sending it to its one pipeline: hence the batch's own count.)
     pub(crate) fn for_batch(batch: &Arc<Batch>) -> Self {
         if batch.point_hashes().is_some() {
             Self::Read {
                 batch: Arc::clone(batch),
                 next: 0,
             }
-        } else if Arc::strong_count(batch) > 1 {
+        } else if Arc::strong_count(batch) > 1 && batch.may_be_shared() {
             let points = usize::try_from(batch.data_points()).unwrap_or(0);
             Self::Record {
                 batch: Arc::clone(batch),
@@ -684,8 +685,14 @@ mod tests {
             alone.point_hashes().is_none(),
             "nothing recorded, nothing left"
         );
+        // The receiver may hold a batch it sent to one pipeline a moment longer.
+        alone.set_pipelines(1);
+        let receiver = Arc::clone(&alone);
+        assert!(matches!(PointMemo::for_batch(&alone), PointMemo::Off));
+        drop(receiver);
 
         let shared = batch();
+        shared.set_pipelines(2);
         let (mut baseline, mut candidate) = (VolumeMeter::new("a"), VolumeMeter::new("b"));
         let held = Arc::clone(&shared);
         baseline.observe_payload(Payload::Shared(Arc::clone(&shared)));
