@@ -536,7 +536,11 @@ impl VolumeMeter {
     /// Accounts one output payload and returns its encoding. A batch as received, shared
     /// with other pipelines, has each point's attributes hashed once for all their meters.
     pub fn observe_payload(&mut self, payload: Payload) -> Bytes {
-        let points = PointMemo::for_payload(&payload);
+        // A `meter` config walks with a hasher of its own.
+        let points = match self.extra {
+            None => PointMemo::for_payload(&payload),
+            Some(_) => PointMemo::Off,
+        };
         let data_points = payload.data_points();
         let bytes = payload.into_bytes();
         self.observe_with(&bytes, data_points, points);
