@@ -6,7 +6,6 @@ pub mod rewrite;
 pub mod testdata;
 pub mod wire;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
@@ -30,8 +29,6 @@ pub struct Batch {
     /// The attribute hash of each data point, left by the first pipeline meter to walk the
     /// batch for the meters of the others.
     point_hashes: OnceLock<PointHashes>,
-    /// How many pipelines it was sent to; 0 until told.
-    pipelines: AtomicUsize,
 }
 
 impl Batch {
@@ -42,7 +39,6 @@ impl Batch {
             data_points,
             decoded: OnceLock::new(),
             point_hashes: OnceLock::new(),
-            pipelines: AtomicUsize::new(0),
         }
     }
 
@@ -57,7 +53,6 @@ impl Batch {
             data_points,
             decoded,
             point_hashes: OnceLock::new(),
-            pipelines: AtomicUsize::new(0),
         }
     }
 
@@ -76,16 +71,6 @@ impl Batch {
             Some(decoded) => decoded,
             None => ExportMetricsServiceRequest::decode(self.bytes),
         }
-    }
-
-    /// Records how many pipelines the batch goes to.
-    pub fn set_pipelines(&self, pipelines: usize) {
-        self.pipelines.store(pipelines, Ordering::Relaxed);
-    }
-
-    /// Whether other pipelines may walk the batch too: false once told it goes to one.
-    pub fn may_be_shared(&self) -> bool {
-        self.pipelines.load(Ordering::Relaxed) != 1
     }
 
     /// The hashes of its points a pipeline meter left, if one did.

@@ -125,14 +125,21 @@ impl Route {
             };
             permits.push((target, permit));
         }
-        batch.set_pipelines(self.targets.len());
+        let shadows = self.targets.iter().filter(|t| t.shadow).count();
+        let mut references = references(batch, permits.len() + shadows);
         for (target, permit) in permits {
-            permit.send(batch.clone());
+            let Some(batch) = references.next() else {
+                break;
+            };
+            permit.send(batch);
             target.incoming.increment(points);
             target.record_queue();
         }
         for target in self.targets.iter().filter(|t| t.shadow) {
-            if target.tx.try_send(batch.clone()).is_ok() {
+            let Some(batch) = references.next() else {
+                break;
+            };
+            if target.tx.try_send(batch).is_ok() {
                 target.incoming.increment(points);
             } else {
                 target.dropped_queue_full.increment(points);
@@ -141,6 +148,20 @@ impl Route {
         }
         Ok(())
     }
+}
+
+/// `n` references to `batch` for `n` pipelines, the last one `batch` itself: once all are
+/// handed out the sender holds none, and a pipeline that finds itself a batch's only holder
+/// knows no other will walk it (see `stats::PointMemo::for_batch`).
+fn references(batch: Arc<Batch>, n: usize) -> impl Iterator<Item = Arc<Batch>> {
+    let mut batch = Some(batch);
+    (0..n).rev().filter_map(move |left| {
+        if left == 0 {
+            batch.take()
+        } else {
+            batch.clone()
+        }
+    })
 }
 
 /// The running pipelines of one config.
@@ -385,6 +406,18 @@ fn start_pipeline(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Once every pipeline has its reference, the sender holds none.
+    #[test]
+    fn the_last_pipeline_gets_the_senders_own_reference() {
+        for n in 1..4 {
+            let batch = Arc::new(Batch::from_request(crate::otlp::testdata::request(1, 1, 1)));
+            let mut references = references(batch, n);
+            let handed: Vec<_> = references.by_ref().take(n).collect();
+            assert!(handed.iter().all(|b| Arc::strong_count(b) == n), "{n}");
+            assert!(references.next().is_none());
+        }
+    }
 
     /// A `filter` followed by an `attributes` processor runs as one stage; any other order or
     /// neighbour does not.

@@ -220,9 +220,8 @@ impl<F: FnMut(u64)> Visitor for SeriesHasher<'_, F> {
 /// the batch leaves its hashes there, and the other reads them.
 #[derive(Debug)]
 pub struct PointHashes {
-    /// Each point's `offset << 32 | len` in the batch, ascending.
-    spans: Box<[u64]>,
-    hashes: Box<[u64]>,
+    /// Each point's `offset << 32 | len` in the batch, ascending, and its hash.
+    points: Vec<(u64, u64)>,
 }
 
 /// A series hasher's use of a batch's [`PointHashes`].
@@ -234,28 +233,25 @@ pub(crate) enum PointMemo {
     /// Records the hashes of the points found in the batch, left there when done.
     Record {
         batch: Arc<Batch>,
-        spans: Vec<u64>,
-        hashes: Vec<u64>,
+        points: Vec<(u64, u64)>,
     },
 }
 
 impl PointMemo {
     /// For a walk that meets points of `batch` (its own output, or a rewrite's observer):
     /// reads what another meter left, or records for the others while another pipeline
-    /// still holds the batch; nothing when none does. (The receiver may still hold it for a
-    /// moment after sending it to its one pipeline: hence the batch's own count.)
+    /// still holds the batch; nothing when none does.
     pub(crate) fn for_batch(batch: &Arc<Batch>) -> Self {
         if batch.point_hashes().is_some() {
             Self::Read {
                 batch: Arc::clone(batch),
                 next: 0,
             }
-        } else if Arc::strong_count(batch) > 1 && batch.may_be_shared() {
+        } else if Arc::strong_count(batch) > 1 {
             let points = usize::try_from(batch.data_points()).unwrap_or(0);
             Self::Record {
                 batch: Arc::clone(batch),
-                spans: Vec::with_capacity(points),
-                hashes: Vec::with_capacity(points),
+                points: Vec::with_capacity(points),
             }
         } else {
             Self::Off
@@ -279,29 +275,25 @@ impl PointMemo {
                     // Points come in the order of the bytes: the search goes on from the
                     // last one found, one step at a time (almost always none).
                     let mut at = *next;
-                    while memo.spans.get(at).is_some_and(|&s| s < span) {
+                    while memo.points.get(at).is_some_and(|&(s, _)| s < span) {
                         at += 1;
                     }
                     *next = at;
-                    (memo.spans.get(at) == Some(&span))
-                        .then(|| memo.hashes.get(at).copied())
-                        .flatten()
+                    match memo.points.get(at) {
+                        Some(&(s, hash)) if s == span => Some(hash),
+                        _ => None,
+                    }
                 });
                 found.unwrap_or_else(|| unordered_hash(state, attributes))
             }
-            Self::Record {
-                batch,
-                spans,
-                hashes,
-            } => {
+            Self::Record { batch, points } => {
                 let span = span_in(batch, attributes.point());
                 let hash = unordered_hash(state, attributes);
                 if let Some(span) = span {
                     // Out-of-order points (hand-made requests) are left out: the list stays
                     // sorted for the readers.
-                    if spans.last().is_none_or(|&last| last < span) {
-                        spans.push(span);
-                        hashes.push(hash);
+                    if points.last().is_none_or(|&(last, _)| last < span) {
+                        points.push((span, hash));
                     }
                 }
                 hash
@@ -312,16 +304,10 @@ impl PointMemo {
 
 impl Drop for PointMemo {
     fn drop(&mut self) {
-        if let Self::Record {
-            batch,
-            spans,
-            hashes,
-        } = self
-        {
-            if !spans.is_empty() {
+        if let Self::Record { batch, points } = self {
+            if !points.is_empty() {
                 batch.offer_point_hashes(PointHashes {
-                    spans: std::mem::take(spans).into_boxed_slice(),
-                    hashes: std::mem::take(hashes).into_boxed_slice(),
+                    points: std::mem::take(points),
                 });
             }
         }
@@ -436,14 +422,8 @@ impl<'a> SeriesSink<'a> {
     /// Puts the series of `payload` in the sink by walking it, as a pipeline meter does.
     #[cfg(test)]
     pub(crate) fn walk_payload(&mut self, payload: &Payload) -> Result<(), wire::WireError> {
-        let points = PointMemo::for_payload(payload);
         let bytes = payload.clone().into_bytes();
-        self.hashes.clear();
-        let hashes = &mut *self.hashes;
-        wire::walk(
-            &bytes,
-            &mut SeriesHasher::new(self.state, |series| hashes.push(series), points),
-        )
+        wire::walk(&bytes, &mut self.hasher(payload))
     }
 
     /// The visitor to tell about the output of a rewrite of `input`, as [`wire::walk`] would
@@ -689,20 +669,14 @@ mod tests {
             alone.point_hashes().is_none(),
             "nothing recorded, nothing left"
         );
-        // The receiver may hold a batch it sent to one pipeline a moment longer.
-        alone.set_pipelines(1);
-        let receiver = Arc::clone(&alone);
-        assert!(matches!(PointMemo::for_batch(&alone), PointMemo::Off));
-        drop(receiver);
 
         let shared = batch();
-        shared.set_pipelines(2);
         let (mut baseline, mut candidate) = (VolumeMeter::new("a"), VolumeMeter::new("b"));
         let held = Arc::clone(&shared);
         baseline.observe_payload(Payload::Shared(Arc::clone(&shared)));
         let left = shared.point_hashes().expect("left for the candidate");
-        assert_eq!((left.spans.len(), left.hashes.len()), (60, 60));
-        assert!(left.spans.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(left.points.len(), 60);
+        assert!(left.points.windows(2).all(|w| w[0].0 < w[1].0));
         candidate.observe_payload(Payload::Shared(held));
         for meter in [&mut baseline, &mut candidate] {
             assert_eq!(meter.series.window_count(), (60, false));
