@@ -48,6 +48,8 @@ metric_defs! {
         "/proc files a hostmetrics receiver keeps open between scrapes (re-read in place instead of reopened), at most scrapers.process.max_open_files.";
     RECEIVER_SCRAPE_UNCACHED = "phoenix_receiver_scrape_uncached_processes_total", Counter, Count, ["receiver"],
         "Processes a hostmetrics scrape read by opening and closing their files because keeping them open would exceed scrapers.process.max_open_files.";
+    RECEIVER_SCRAPE_IDLE = "phoenix_receiver_scrape_idle_processes_total", Counter, Count, ["receiver"],
+        "Processes a hostmetrics scrape wrote from their last full read because their CPU clock showed they had not run since (only their memory re-read); processes filtered out by include/exclude are not counted.";
     PIPELINE_INCOMING = "phoenix_pipeline_incoming_datapoints_total", Counter, Count, ["pipeline"],
         "Data points that entered a pipeline's queue.";
     PIPELINE_DROPPED = "phoenix_pipeline_dropped_datapoints_total", Counter, Count, ["pipeline", "reason"],

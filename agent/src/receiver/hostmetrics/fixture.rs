@@ -31,6 +31,7 @@ pub struct Process {
     pub stime: u64,
     pub blkio_ticks: u64,
     pub starttime: u64,
+    /// In bytes, a multiple of 4 KiB (`statm` has it in pages).
     pub vsize: u64,
     pub rss_pages: u64,
     pub num_threads: u64,
@@ -133,6 +134,9 @@ fn write_process(proc_dir: &Path, p: &Process) -> io::Result<()> {
         .as_bytes(),
     );
     std::fs::write(dir.join("stat"), stat)?;
+    // Pages of 4 KiB, as the tests' `KernelConstants` say.
+    let statm = format!("{} {} 0 0 0 0 0\n", p.vsize / 4096, p.rss_pages);
+    std::fs::write(dir.join("statm"), statm)?;
     let mut status = String::from("Name:\tx\nUmask:\t0022\nState:\tS (sleeping)\n");
     let _ = write!(
         status,

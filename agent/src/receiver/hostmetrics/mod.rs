@@ -419,6 +419,8 @@ pub struct ScrapeContext<'a> {
     /// Processes read with files opened and closed in this scrape because keeping them
     /// open would exceed `max_open_files`.
     pub uncached_processes: u64,
+    /// Processes written from their last full read, not having run since it.
+    pub idle_processes: u64,
     host_stat: Option<procfs::HostStat>,
 }
 
@@ -512,6 +514,8 @@ pub struct ScrapeOutput {
     pub open_files: u64,
     /// See [`ScrapeContext::uncached_processes`].
     pub uncached_processes: u64,
+    /// See [`ScrapeContext::idle_processes`].
+    pub idle_processes: u64,
     decoded: OnceLock<Result<ExportMetricsServiceRequest, prost::DecodeError>>,
 }
 
@@ -587,12 +591,14 @@ impl Scrapers {
             errors: &mut errors,
             open_files: 0,
             uncached_processes: 0,
+            idle_processes: 0,
             host_stat: None,
         };
         for (_, scraper) in &mut self.running {
             scraper.scrape(&mut ctx, &mut out);
         }
-        let (open_files, uncached_processes) = (ctx.open_files, ctx.uncached_processes);
+        let (open_files, uncached_processes, idle_processes) =
+            (ctx.open_files, ctx.uncached_processes, ctx.idle_processes);
         let (bytes, data_points) = out.into_parts();
         self.last_len = bytes.len();
         ScrapeOutput {
@@ -601,6 +607,7 @@ impl Scrapers {
             errors,
             open_files,
             uncached_processes,
+            idle_processes,
             decoded: OnceLock::new(),
         }
     }
@@ -619,6 +626,7 @@ impl Scrapers {
             errors: &mut errors,
             open_files: 0,
             uncached_processes: 0,
+            idle_processes: 0,
             host_stat: None,
         };
         for (_, scraper) in &mut self.running {
@@ -677,6 +685,7 @@ struct ReceiverMetrics {
     duration: metrics::Gauge,
     open_files: metrics::Gauge,
     uncached: Counter,
+    idle: Counter,
 }
 
 impl ReceiverMetrics {
@@ -689,7 +698,8 @@ impl ReceiverMetrics {
             refused_full: metrics::counter!(telemetry::RECEIVER_REFUSED, "receiver" => r.clone(), "transport" => TRANSPORT, "reason" => "pipelines_full"),
             duration: metrics::gauge!(telemetry::RECEIVER_SCRAPE_DURATION, "receiver" => r.clone()),
             open_files: metrics::gauge!(telemetry::RECEIVER_SCRAPE_OPEN_FILES, "receiver" => r.clone()),
-            uncached: metrics::counter!(telemetry::RECEIVER_SCRAPE_UNCACHED, "receiver" => r),
+            uncached: metrics::counter!(telemetry::RECEIVER_SCRAPE_UNCACHED, "receiver" => r.clone()),
+            idle: metrics::counter!(telemetry::RECEIVER_SCRAPE_IDLE, "receiver" => r),
         }
     }
 }
@@ -747,6 +757,7 @@ async fn run(
                         scrapers = Some(set);
                         metrics.open_files.set(output.open_files as f64);
                         metrics.uncached.increment(output.uncached_processes);
+                        metrics.idle.increment(output.idle_processes);
                         if output.uncached_processes > 0 && !warned_uncached {
                             warned_uncached = true;
                             tracing::warn!(receiver = %ctx.id, open_files = output.open_files, uncached = output.uncached_processes, "scrapers.process.max_open_files reached: the other processes' files are opened and closed every scrape, at a higher CPU cost (counted in phoenix_receiver_scrape_uncached_processes_total; logged once)");

@@ -1,5 +1,5 @@
-//! `process` scraper: one resource per process, read from `/proc/PID/{stat,status,cmdline,
-//! exe,io,fd}`, with the Collector's resource attributes and metrics.
+//! `process` scraper: one resource per process, read from `/proc/PID/{stat,statm,status,
+//! cmdline,exe,io,fd}`, with the Collector's resource attributes and metrics.
 //!
 //! Files are read only when an enabled metric or attribute needs them, into buffers reused
 //! for every process. A process's files stay open from one scrape to the next and are re-read
@@ -7,6 +7,11 @@
 //! costs more than generating its content. A process that exits between listing and reading
 //! is skipped and counted (`reason="vanished"`); a file the agent may not read (another user's
 //! `io` or `exe` without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
+//!
+//! A process that has not run since its last full read is written from that read, with only
+//! its memory (`statm`) read again: its CPU clock, read by PID, tells whether any of its
+//! threads ran, and nothing else in its files changes while none does
+//! ([`ProcessScraper::read_idle`]). Most processes of a node sleep through most scrapes.
 //!
 //! Output is written as OTLP bytes ([`super::encode`]), not prost structs: a process's
 //! resource is encoded when first seen and again only when one of its attributes changed,
@@ -212,6 +217,12 @@ struct Known {
     exe: Option<(Box<[u8]>, String)>,
     /// The encoded resource, reused while what it was built from is the same.
     resource: Option<Box<CachedResource>>,
+    /// `ppid` as last read.
+    ppid: Option<i64>,
+    /// The process's CPU clock in the scrape that read it (see [`ProcessScraper::clock`]).
+    clock: Option<(u64, Option<u64>)>,
+    /// What the last full read found, while the process has not run since.
+    steady: Option<Box<Steady>>,
 }
 
 impl Known {
@@ -222,8 +233,67 @@ impl Known {
             cpu: None,
             exe: None,
             resource: None,
+            ppid: None,
+            clock: None,
+            steady: None,
         }
     }
+}
+
+/// The values of `/proc/PID/stat` a process's metrics are written from (its memory is read
+/// from `statm`).
+#[derive(Debug, Clone, Copy)]
+struct StatValues {
+    starttime: u64,
+    utime: u64,
+    stime: u64,
+    blkio_ticks: u64,
+    minflt: u64,
+    majflt: u64,
+    num_threads: u64,
+}
+
+impl StatValues {
+    fn of(stat: &procfs::PidStat<'_>) -> Self {
+        Self {
+            starttime: stat.starttime,
+            utime: stat.utime,
+            stime: stat.stime,
+            blkio_ticks: stat.blkio_ticks,
+            minflt: stat.minflt,
+            majflt: stat.majflt,
+            num_threads: stat.num_threads,
+        }
+    }
+}
+
+/// What a full read of a process found that only the process itself changes, written again
+/// from here while it does not run ([`ProcessScraper::read_idle`]). Its resource's inputs
+/// (`comm`, the command line, `exe`) are in [`Known::resource`] and [`Known::exe`].
+#[derive(Debug)]
+struct Steady {
+    /// The process's CPU clock, read before its files were.
+    clock_ns: u64,
+    /// The parent's CPU clock, read before the process's `stat` was: while it reads the
+    /// same, the parent has not exited, so `ppid` still names it. `None` when it was not
+    /// read before `stat` (the parent was not known yet) or is not needed (`ppid` 0 or 1).
+    parent_clock_ns: Option<u64>,
+    ppid: i64,
+    values: StatValues,
+    io: Option<procfs::PidIo>,
+    owner_uid: Option<u32>,
+    /// Filtered out by `include`/`exclude`: nothing is written.
+    filtered_out: bool,
+    /// The errors the read counted, counted again each time it is reused.
+    noted: Box<[Noted]>,
+}
+
+/// An error a full read counted (see [`Steady::noted`]).
+#[derive(Debug)]
+struct Noted {
+    reason: Reason,
+    muted: bool,
+    example: Box<str>,
 }
 
 /// A process's `Resource`, encoded, and the values it was built from (besides the PID, which
@@ -367,6 +437,7 @@ struct ProcFiles {
     /// the `exe` link (read once per program, see [`Known::exe`]).
     dir: OwnedFd,
     stat: Option<File>,
+    statm: Option<File>,
     cmdline: Option<File>,
     io: Option<File>,
     status: Option<File>,
@@ -377,6 +448,8 @@ struct ProcFiles {
     keep: bool,
     /// The last scrape whose listing had the process.
     generation: u64,
+    /// The last scrape wrote the process from its last full read ([`ProcessScraper::read_idle`]).
+    idle: bool,
 }
 
 impl ProcFiles {
@@ -387,18 +460,26 @@ impl ProcFiles {
             starttime: None,
             dir: rustix::fs::open(dir, flags, Mode::empty())?,
             stat: None,
+            statm: None,
             cmdline: None,
             io: None,
             status: None,
             fd: None,
             keep,
             generation,
+            idle: false,
         })
     }
 
     /// Descriptors held, the directory's included.
     fn count(&self) -> usize {
-        let files = [&self.stat, &self.cmdline, &self.io, &self.status];
+        let files = [
+            &self.stat,
+            &self.statm,
+            &self.cmdline,
+            &self.io,
+            &self.status,
+        ];
         1 + usize::from(self.fd.is_some()) + files.iter().filter(|f| f.is_some()).count()
     }
 }
@@ -463,9 +544,13 @@ pub struct ProcessScraper {
     proc_dir: PathBuf,
     path: procfs::PathBuf,
     stat: FileBuf,
+    statm: FileBuf,
     status: FileBuf,
     cmdline: FileBuf,
     io: FileBuf,
+    /// Processes' CPU clocks can be read by the PIDs listed in `proc_dir`, which tell which
+    /// processes ran since the last scrape ([`Self::read_idle`]).
+    clocks: bool,
     /// Reused for `readlinkat` of `exe`.
     link: Vec<u8>,
     /// Field 1 (`scope`) of a `ScopeMetrics`, encoded once; each process's gets a copy.
@@ -493,9 +578,11 @@ impl ProcessScraper {
             proc_dir: proc_dir.to_path_buf(),
             path: procfs::PathBuf::new(proc_dir),
             stat: FileBuf::default(),
+            statm: FileBuf::default(),
             status: FileBuf::default(),
             cmdline: FileBuf::default(),
             io: FileBuf::default(),
+            clocks: procfs::is_own_pid_namespace(proc_dir),
             link: Vec::new(),
             scope: encoded_scope(),
             users: Users::new(root),
@@ -619,17 +706,23 @@ impl Scraper for ProcessScraper {
             let Some(files) = self.files.get(pid) else {
                 continue;
             };
-            if a.owner {
+            if self.clocks {
+                // Its own clock; a parent's is read once, as its own or before the child's.
+                let _ = procfs::process_cpu_ns(*pid);
+            }
+            if a.owner && !files.idle {
                 let _ = rustix::fs::fstat(&files.dir);
             }
+            let full = !files.idle;
             let reads = [
-                (&files.stat, &mut self.stat),
-                (&files.cmdline, &mut self.cmdline),
-                (&files.status, &mut self.status),
-                (&files.io, &mut self.io),
+                (&files.stat, &mut self.stat, full),
+                (&files.cmdline, &mut self.cmdline, full),
+                (&files.status, &mut self.status, true),
+                (&files.io, &mut self.io, full),
+                (&files.statm, &mut self.statm, true),
             ];
-            for (file, buf) in reads {
-                if let Some(file) = file {
+            for (file, buf, read) in reads {
+                if let (Some(file), true) = (file, read) {
                     let _ = buf.read_at(file);
                 }
             }
@@ -718,6 +811,171 @@ impl ProcessScraper {
         }
     }
 
+    /// The CPU clock of the process under `pid` in this scrape ([`procfs::process_cpu_ns`]),
+    /// read once per scrape when the process is known (for itself, or earlier as a parent),
+    /// so that every use in one scrape compares the same reading. `None` when clocks are off
+    /// (another PID namespace's `/proc`, or a fixture) or the process is gone.
+    fn clock(&mut self, pid: u32) -> Option<u64> {
+        if !self.clocks {
+            return None;
+        }
+        let generation = self.generation;
+        let Some(known) = self.known.get_mut(&pid) else {
+            return procfs::process_cpu_ns(pid);
+        };
+        match known.clock {
+            Some((read_in, ns)) if read_in == generation => ns,
+            _ => {
+                let ns = procfs::process_cpu_ns(pid);
+                known.clock = Some((generation, ns));
+                ns
+            }
+        }
+    }
+
+    /// Writes a process that has not run since its last full read from what that read found,
+    /// reading only what can change without the process running: its memory (`statm`;
+    /// reclaim shrinks it) and, when their metrics are on, `status` (pending signals) and
+    /// `fd`. `None` when it ran, or its parent may have exited (which changes its `ppid`), or
+    /// nothing is kept of it: then it is read in full.
+    ///
+    /// Everything else a full read takes comes from files that only the process's own
+    /// threads change: `stat`'s CPU times are scaled to the run time the clock reads, so an
+    /// unchanged clock means unchanged times, faults and thread count; `comm`, the command
+    /// line (`setproctitle` writes the process's own memory), the owner (its credentials),
+    /// `exe` (an `execve`) and the `io` counters (charged to the task doing the I/O) change
+    /// only when it runs. Only a debugger writing into its memory changes the command line
+    /// of a process that does not run; that shows once the process runs.
+    fn read_idle(
+        &mut self,
+        pid: u32,
+        files: &mut ProcFiles,
+        own_clock: Option<u64>,
+        host: &Host,
+        ctx: &mut ScrapeContext<'_>,
+        out: &mut RequestWriter,
+    ) -> Option<Outcome> {
+        let own_clock = own_clock?;
+        let starttime = files.starttime?;
+        let known = self.known.get(&pid)?;
+        let steady = known.steady.as_deref()?;
+        if known.starttime != starttime || steady.clock_ns != own_clock {
+            return None;
+        }
+        let (ppid, parent_clock, filtered_out) =
+            (steady.ppid, steady.parent_clock_ns, steady.filtered_out);
+        // PIDs 0 (no parent in this namespace) and 1 (init, whose exit ends the namespace)
+        // never change; another parent that did not run has not exited.
+        if !filtered_out && ppid > 1 {
+            let parent = u32::try_from(ppid).ok()?;
+            if parent_clock.is_none() || self.clock(parent) != parent_clock {
+                return None;
+            }
+        }
+
+        let s = Arc::clone(&self.settings);
+        let m = s.metrics;
+        let room = self.max_open_files.saturating_sub(self.open_files);
+        let keep = files.keep && files.count() < room;
+        let mut outcome = Outcome::Skipped;
+        if !filtered_out {
+            let (size, resident) =
+                match read_file(&files.dir, &mut files.statm, "statm", keep, &mut self.statm)
+                    .map(procfs::parse_statm)
+                {
+                    Ok(Some(pages)) => pages,
+                    // Gone since its files were kept: read afresh, as the full read would.
+                    Err(err) if procfs::is_gone(&err) => return Some(Outcome::Stale),
+                    _ => return None,
+                };
+            let known = self.known.get(&pid)?;
+            let steady = known.steady.as_deref()?;
+            let resource = known.resource.as_deref()?;
+            let owner = steady
+                .owner_uid
+                .and_then(|uid| self.users.names.get(&uid).map(String::as_str));
+            if resource.owner.as_deref() != owner {
+                // The passwd file changed the owner's name: build the resource afresh.
+                return None;
+            }
+            if let (Some(uid), None) = (steady.owner_uid, owner) {
+                ctx.errors.add(NAME, Reason::User, s.mute_user, || {
+                    format!("pid {pid}: uid {uid} is not in the passwd file")
+                });
+            }
+            let status = if m.context_switches || m.signals_pending {
+                let keep = files.keep && files.count() < room;
+                match read_file(
+                    &files.dir,
+                    &mut files.status,
+                    "status",
+                    keep,
+                    &mut self.status,
+                ) {
+                    Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
+                    Err(err) if procfs::is_gone(&err) => return Some(Outcome::Stale),
+                    Err(err) => {
+                        ctx.errors.add(NAME, Reason::Status, false, || {
+                            format!("pid {pid}: status: {err}")
+                        });
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let fds = if m.open_file_descriptors {
+                let keep = files.keep && files.count() < room;
+                match count_fds(&files.dir, &mut files.fd, keep, &mut self.dirents) {
+                    Ok(n) => Some(n),
+                    Err(err) if procfs::is_gone(&err) => return Some(Outcome::Stale),
+                    Err(err) => {
+                        ctx.errors
+                            .add(NAME, Reason::Fd, false, || format!("pid {pid}: fd: {err}"));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let known = self.known.get_mut(&pid)?;
+            let steady = known.steady.as_deref()?;
+            let resource = known.resource.as_deref()?;
+            let memory = Memory {
+                vsize: size.saturating_mul(host.page_size),
+                rss: resident.saturating_mul(host.page_size),
+            };
+            let emitted = write_process(
+                out,
+                host,
+                m,
+                &resource.bytes,
+                &self.scope,
+                &steady.values,
+                memory,
+                steady.io,
+                status,
+                fds,
+                &mut known.cpu,
+            );
+            if emitted {
+                outcome = Outcome::Emitted;
+            }
+            ctx.idle_processes += 1;
+        }
+        let known = self.known.get_mut(&pid)?;
+        known.generation = self.generation;
+        if let Some(steady) = known.steady.as_deref() {
+            for noted in steady.noted.iter() {
+                ctx.errors.add(NAME, noted.reason, noted.muted, || {
+                    noted.example.to_string()
+                });
+            }
+        }
+        files.idle = true;
+        Some(outcome)
+    }
+
     fn read_files(
         &mut self,
         pid: u32,
@@ -726,12 +984,27 @@ impl ProcessScraper {
         ctx: &mut ScrapeContext<'_>,
         out: &mut RequestWriter,
     ) -> Outcome {
+        // The clocks before any file, so that a process running after them is read afresh
+        // next scrape: its own, and its last known parent's (see `Steady::parent_clock_ns`).
+        let own_clock = self.clock(pid);
+        if let Some(outcome) = self.read_idle(pid, files, own_clock, host, ctx, out) {
+            return outcome;
+        }
+        files.idle = false;
+        let last_ppid = self.known.get(&pid).and_then(|k| k.ppid);
+        let parent_clock = match last_ppid.and_then(|p| u32::try_from(p).ok()) {
+            Some(parent) if parent > 1 => self.clock(parent),
+            _ => None,
+        };
+
         let s = Arc::clone(&self.settings);
         let (a, m) = (s.attributes, s.metrics);
         self.path.set_pid(pid);
         // Descriptors this process may keep: what the others leave of the budget.
         let room = self.max_open_files.saturating_sub(self.open_files);
         let may_keep = |files: &ProcFiles| files.keep && files.count() < room;
+        // Errors counted by this read, to count again while it is reused (`read_idle`).
+        let mut noted: Vec<Noted> = Vec::new();
         macro_rules! gone_or {
             ($err:expr, $reason:expr, $muted:expr, $what:expr) => {{
                 let err = $err;
@@ -740,8 +1013,12 @@ impl ProcessScraper {
                         .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
                     return Outcome::Vanished;
                 }
-                ctx.errors.add(NAME, $reason, $muted, || {
-                    format!("pid {pid}: {}: {err}", $what)
+                let example = format!("pid {pid}: {}: {err}", $what);
+                ctx.errors.add(NAME, $reason, $muted, || example.clone());
+                noted.push(Noted {
+                    reason: $reason,
+                    muted: $muted,
+                    example: example.into(),
                 });
             }};
         }
@@ -779,6 +1056,33 @@ impl ProcessScraper {
         }
         files.starttime = Some(stat.starttime);
 
+        let known = match self.known.entry(pid) {
+            Entry::Occupied(entry) => {
+                let known = entry.into_mut();
+                if known.starttime != stat.starttime {
+                    *known = Known::new(stat.starttime, self.generation);
+                }
+                known
+            }
+            Entry::Vacant(entry) => entry.insert(Known::new(stat.starttime, self.generation)),
+        };
+        known.generation = self.generation;
+        known.clock = Some((self.generation, own_clock));
+        known.ppid = Some(stat.ppid);
+        known.steady = None;
+        // Reusable while neither clock moves; the parent's only if it was read before
+        // `stat`, so that an exit after it shows as a change.
+        let mut steady = own_clock.map(|clock_ns| Steady {
+            clock_ns,
+            parent_clock_ns: parent_clock.filter(|_| last_ppid == Some(stat.ppid)),
+            ppid: stat.ppid,
+            values: StatValues::of(&stat),
+            io: None,
+            owner_uid: None,
+            filtered_out: false,
+            noted: Box::default(),
+        });
+
         // Kernel threads and zombies have no memory of their own: no executable (that is
         // not an error) and an empty `cmdline`, which the kernel answers without looking, so
         // it is not read either.
@@ -809,6 +1113,13 @@ impl ProcessScraper {
         if s.include.as_ref().is_some_and(|f| !f.matches(&name))
             || s.exclude.as_ref().is_some_and(|f| f.matches(&name))
         {
+            known.steady = steady.map(|steady| {
+                Box::new(Steady {
+                    filtered_out: true,
+                    noted: noted.into(),
+                    ..steady
+                })
+            });
             return Outcome::Skipped;
         }
 
@@ -819,18 +1130,6 @@ impl ProcessScraper {
         if !s.scrape_process_delay.is_zero() && age < s.scrape_process_delay {
             return Outcome::Skipped;
         }
-
-        let known = match self.known.entry(pid) {
-            Entry::Occupied(entry) => {
-                let known = entry.into_mut();
-                if known.starttime != stat.starttime {
-                    *known = Known::new(stat.starttime, self.generation);
-                }
-                known
-            }
-            Entry::Vacant(entry) => entry.insert(Known::new(stat.starttime, self.generation)),
-        };
-        known.generation = self.generation;
 
         // The exe link is read when the process is first seen and again when its `comm`
         // changes (an exec); a failed read is not kept, and is tried again next scrape.
@@ -883,7 +1182,15 @@ impl ProcessScraper {
             ) {
                 Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
                 Err(err) => {
-                    gone_or!(err, Reason::Status, false, "status");
+                    if procfs::is_gone(&err) {
+                        ctx.errors
+                            .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
+                        return Outcome::Vanished;
+                    }
+                    // Not kept for reuse: `read_idle` reads `status` itself.
+                    ctx.errors.add(NAME, Reason::Status, false, || {
+                        format!("pid {pid}: status: {err}")
+                    });
                     None
                 }
             }
@@ -906,8 +1213,13 @@ impl ProcessScraper {
             match read.map(procfs::parse_pid_io) {
                 Ok(Some(io)) => Some(io),
                 Ok(None) => {
-                    ctx.errors.add(NAME, Reason::Io, s.mute_io, || {
-                        format!("pid {pid}: io: no counters")
+                    let example = format!("pid {pid}: io: no counters");
+                    ctx.errors
+                        .add(NAME, Reason::Io, s.mute_io, || example.clone());
+                    noted.push(Noted {
+                        reason: Reason::Io,
+                        muted: s.mute_io,
+                        example: example.into(),
                     });
                     None
                 }
@@ -925,13 +1237,44 @@ impl ProcessScraper {
             match count_fds(&files.dir, &mut files.fd, keep, &mut self.dirents) {
                 Ok(n) => Some(n),
                 Err(err) => {
-                    gone_or!(err, Reason::Fd, false, "fd");
+                    if procfs::is_gone(&err) {
+                        ctx.errors
+                            .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
+                        return Outcome::Vanished;
+                    }
+                    ctx.errors
+                        .add(NAME, Reason::Fd, false, || format!("pid {pid}: fd: {err}"));
                     None
                 }
             }
         } else {
             None
         };
+
+        // Memory from `statm`, as gopsutil (the Collector) reads it, and as `read_idle` does.
+        let mut memory = Memory {
+            vsize: stat.vsize,
+            rss: stat.rss_pages.saturating_mul(host.page_size),
+        };
+        if m.memory_usage || m.memory_virtual || m.memory_utilization {
+            let keep = may_keep(files);
+            let read = read_file(&files.dir, &mut files.statm, "statm", keep, &mut self.statm);
+            match read.map(procfs::parse_statm) {
+                Ok(Some((size, resident))) => {
+                    memory = Memory {
+                        vsize: size.saturating_mul(host.page_size),
+                        rss: resident.saturating_mul(host.page_size),
+                    };
+                }
+                Err(err) if procfs::is_gone(&err) => {
+                    ctx.errors
+                        .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
+                    return Outcome::Vanished;
+                }
+                // Readable with `stat`, so not expected; `stat` has the same counters.
+                _ => steady = None,
+            }
+        }
 
         // Everything is read; write the resource and its metrics. The resource is encoded
         // again only when something it is built from changed.
@@ -948,148 +1291,205 @@ impl ProcessScraper {
         if resource.bytes.is_empty() || !resource.matches(&inputs) {
             resource.rebuild(a, &inputs);
         }
-        let buf = out.buf();
-        let rm_at = buf.len();
-        let rm = encode::begin_wide(buf, 1);
-        buf.extend_from_slice(&resource.bytes);
-        let sm = encode::begin_wide(buf, 2);
-        buf.extend_from_slice(&self.scope);
-        let metrics_at = buf.len();
-
-        let now = host.now;
-        let tick = host.clk_tck as f64;
-        let (user, system, wait) = (
-            stat.utime as f64 / tick,
-            stat.stime as f64 / tick,
-            stat.blkio_ticks as f64 / tick,
+        let values = StatValues::of(&stat);
+        let emitted = write_process(
+            out,
+            host,
+            m,
+            &resource.bytes,
+            &self.scope,
+            &values,
+            memory,
+            io,
+            status,
+            fds,
+            &mut known.cpu,
         );
-        let mut add = |def: &MetricDef, points: &[(f64, Option<(&'static str, &'static str)>)]| {
-            out.metric(2, def, start, now, points);
-        };
-        let state = |v: &'static str| Some(("state", v));
-        let direction = |v: &'static str| Some(("direction", v));
-        let kind = |v: &'static str| Some(("type", v));
-        if m.cpu_time {
-            add(
-                &metadata::PROCESS_CPU_TIME,
-                &[
-                    (user, state("user")),
-                    (system, state("system")),
-                    (wait, state("wait")),
-                ],
-            );
-        }
-        if m.cpu_utilization {
-            let sample = CpuSample {
-                time: now,
-                user,
-                system,
-                wait,
-            };
-            // `known` was reset if the PID has a new process since.
-            if let Some(before) = known.cpu.replace(sample) {
-                let elapsed = now.saturating_sub(before.time) as f64 / 1e9;
-                if elapsed > 0.0 {
-                    let scale = elapsed * host.logical_cpus as f64;
-                    add(
-                        &metadata::PROCESS_CPU_UTILIZATION,
-                        &[
-                            ((user - before.user) / scale, state("user")),
-                            ((system - before.system) / scale, state("system")),
-                            ((wait - before.wait) / scale, state("wait")),
-                        ],
-                    );
-                }
-            }
-        }
-        let rss = stat.rss_pages.saturating_mul(host.page_size);
-        if m.memory_usage {
-            add(&metadata::PROCESS_MEMORY_USAGE, &[(rss as f64, None)]);
-        }
-        if m.memory_virtual {
-            add(
-                &metadata::PROCESS_MEMORY_VIRTUAL,
-                &[(stat.vsize as f64, None)],
-            );
-        }
-        if let (true, Some(total)) = (m.memory_utilization, host.mem_total.filter(|t| *t > 0)) {
-            // A percentage (0-100), as the Collector reports it despite the unit "1".
-            let percent = 100.0 * rss as f64 / total as f64;
-            add(&metadata::PROCESS_MEMORY_UTILIZATION, &[(percent, None)]);
-        }
-        if let Some(io) = io {
-            if m.disk_io {
-                add(
-                    &metadata::PROCESS_DISK_IO,
-                    &[
-                        (io.read_bytes as f64, direction("read")),
-                        (io.write_bytes as f64, direction("write")),
-                    ],
-                );
-            }
-            if m.disk_operations {
-                add(
-                    &metadata::PROCESS_DISK_OPERATIONS,
-                    &[
-                        (io.syscr as f64, direction("read")),
-                        (io.syscw as f64, direction("write")),
-                    ],
-                );
-            }
-        }
-        if m.paging_faults {
-            add(
-                &metadata::PROCESS_PAGING_FAULTS,
-                &[
-                    (stat.majflt as f64, kind("major")),
-                    (stat.minflt as f64, kind("minor")),
-                ],
-            );
-        }
-        if let (true, Some(status)) = (m.signals_pending, status) {
-            let pending = f64::from(status.shared_pending.count_ones());
-            add(&metadata::PROCESS_SIGNALS_PENDING, &[(pending, None)]);
-        }
-        if m.threads {
-            add(
-                &metadata::PROCESS_THREADS,
-                &[(stat.num_threads as f64, None)],
-            );
-        }
-        if let Some(fds) = fds {
-            add(
-                &metadata::PROCESS_OPEN_FILE_DESCRIPTORS,
-                &[(fds as f64, None)],
-            );
-        }
-        if let (true, Some(status)) = (m.context_switches, status) {
-            add(
-                &metadata::PROCESS_CONTEXT_SWITCHES,
-                &[
-                    (
-                        status.nonvoluntary_ctxt_switches as f64,
-                        kind("involuntary"),
-                    ),
-                    (status.voluntary_ctxt_switches as f64, kind("voluntary")),
-                ],
-            );
-        }
-        if m.uptime {
-            add(&metadata::PROCESS_UPTIME, &[(age.as_secs_f64(), None)]);
-        }
-
-        let buf = out.buf();
-        if buf.len() == metrics_at {
+        if !emitted {
             // No metric had a point (e.g. only utilization on, at the first scrape).
-            buf.truncate(rm_at);
             return Outcome::Skipped;
         }
-        encode::string_field(buf, 3, SCHEMA_URL);
-        encode::end(buf, sm);
-        encode::string_field(buf, 3, SCHEMA_URL);
-        encode::end(buf, rm);
+        known.steady = steady.map(|steady| {
+            Box::new(Steady {
+                io,
+                owner_uid,
+                noted: noted.into(),
+                ..steady
+            })
+        });
         Outcome::Emitted
     }
+}
+
+/// A process's memory, in bytes.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    vsize: u64,
+    rss: u64,
+}
+
+/// Writes one process's `ResourceMetrics` (its encoded `resource` and the enabled metrics);
+/// false, with nothing written, when no metric had a point.
+#[allow(clippy::too_many_arguments)]
+fn write_process(
+    out: &mut RequestWriter,
+    host: &Host,
+    m: Metrics,
+    resource: &[u8],
+    scope: &[u8],
+    stat: &StatValues,
+    memory: Memory,
+    io: Option<procfs::PidIo>,
+    status: Option<procfs::PidStatus>,
+    fds: Option<u64>,
+    cpu: &mut Option<CpuSample>,
+) -> bool {
+    let start_ns =
+        host.btime_ns + u128::from(stat.starttime) * 1_000_000_000 / u128::from(host.clk_tck);
+    let start = u64::try_from(start_ns).unwrap_or(u64::MAX);
+    let age = Duration::from_nanos(host.now.saturating_sub(start));
+    let buf = out.buf();
+    let rm_at = buf.len();
+    let rm = encode::begin_wide(buf, 1);
+    buf.extend_from_slice(resource);
+    let sm = encode::begin_wide(buf, 2);
+    buf.extend_from_slice(scope);
+    let metrics_at = buf.len();
+
+    let now = host.now;
+    let tick = host.clk_tck as f64;
+    let (user, system, wait) = (
+        stat.utime as f64 / tick,
+        stat.stime as f64 / tick,
+        stat.blkio_ticks as f64 / tick,
+    );
+    let mut add = |def: &MetricDef, points: &[(f64, Option<(&'static str, &'static str)>)]| {
+        out.metric(2, def, start, now, points);
+    };
+    let state = |v: &'static str| Some(("state", v));
+    let direction = |v: &'static str| Some(("direction", v));
+    let kind = |v: &'static str| Some(("type", v));
+    if m.cpu_time {
+        add(
+            &metadata::PROCESS_CPU_TIME,
+            &[
+                (user, state("user")),
+                (system, state("system")),
+                (wait, state("wait")),
+            ],
+        );
+    }
+    if m.cpu_utilization {
+        let sample = CpuSample {
+            time: now,
+            user,
+            system,
+            wait,
+        };
+        // `cpu` was reset if the PID has a new process since.
+        if let Some(before) = cpu.replace(sample) {
+            let elapsed = now.saturating_sub(before.time) as f64 / 1e9;
+            if elapsed > 0.0 {
+                let scale = elapsed * host.logical_cpus as f64;
+                add(
+                    &metadata::PROCESS_CPU_UTILIZATION,
+                    &[
+                        ((user - before.user) / scale, state("user")),
+                        ((system - before.system) / scale, state("system")),
+                        ((wait - before.wait) / scale, state("wait")),
+                    ],
+                );
+            }
+        }
+    }
+    if m.memory_usage {
+        add(
+            &metadata::PROCESS_MEMORY_USAGE,
+            &[(memory.rss as f64, None)],
+        );
+    }
+    if m.memory_virtual {
+        add(
+            &metadata::PROCESS_MEMORY_VIRTUAL,
+            &[(memory.vsize as f64, None)],
+        );
+    }
+    if let (true, Some(total)) = (m.memory_utilization, host.mem_total.filter(|t| *t > 0)) {
+        // A percentage (0-100), as the Collector reports it despite the unit "1".
+        let percent = 100.0 * memory.rss as f64 / total as f64;
+        add(&metadata::PROCESS_MEMORY_UTILIZATION, &[(percent, None)]);
+    }
+    if let Some(io) = io {
+        if m.disk_io {
+            add(
+                &metadata::PROCESS_DISK_IO,
+                &[
+                    (io.read_bytes as f64, direction("read")),
+                    (io.write_bytes as f64, direction("write")),
+                ],
+            );
+        }
+        if m.disk_operations {
+            add(
+                &metadata::PROCESS_DISK_OPERATIONS,
+                &[
+                    (io.syscr as f64, direction("read")),
+                    (io.syscw as f64, direction("write")),
+                ],
+            );
+        }
+    }
+    if m.paging_faults {
+        add(
+            &metadata::PROCESS_PAGING_FAULTS,
+            &[
+                (stat.majflt as f64, kind("major")),
+                (stat.minflt as f64, kind("minor")),
+            ],
+        );
+    }
+    if let (true, Some(status)) = (m.signals_pending, status) {
+        let pending = f64::from(status.shared_pending.count_ones());
+        add(&metadata::PROCESS_SIGNALS_PENDING, &[(pending, None)]);
+    }
+    if m.threads {
+        add(
+            &metadata::PROCESS_THREADS,
+            &[(stat.num_threads as f64, None)],
+        );
+    }
+    if let Some(fds) = fds {
+        add(
+            &metadata::PROCESS_OPEN_FILE_DESCRIPTORS,
+            &[(fds as f64, None)],
+        );
+    }
+    if let (true, Some(status)) = (m.context_switches, status) {
+        add(
+            &metadata::PROCESS_CONTEXT_SWITCHES,
+            &[
+                (
+                    status.nonvoluntary_ctxt_switches as f64,
+                    kind("involuntary"),
+                ),
+                (status.voluntary_ctxt_switches as f64, kind("voluntary")),
+            ],
+        );
+    }
+    if m.uptime {
+        add(&metadata::PROCESS_UPTIME, &[(age.as_secs_f64(), None)]);
+    }
+
+    let buf = out.buf();
+    if buf.len() == metrics_at {
+        buf.truncate(rm_at);
+        return false;
+    }
+    encode::string_field(buf, 3, SCHEMA_URL);
+    encode::end(buf, sm);
+    encode::string_field(buf, 3, SCHEMA_URL);
+    encode::end(buf, rm);
+    true
 }
 
 /// `comm`, or the base name of the command when `comm` is its truncated prefix; borrowed

@@ -349,6 +349,52 @@ pub fn kernel_constants(proc_dir: &Path) -> (u64, u64) {
     (clk_tck, page_size)
 }
 
+/// The CPU time of process `pid`, all its threads (living and exited) together, in ns: the
+/// kernel's per-process CPU clock, which no permission guards (the same time is in
+/// `/proc/PID/stat` for anyone to read). It advances whenever a thread of the process runs,
+/// and is the run time `stat`'s user and system times are scaled to. `pid` is taken in this
+/// process's PID namespace. `None` when there is no such process.
+pub fn process_cpu_ns(pid: u32) -> Option<u64> {
+    // MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED) of the kernel's posix-timers.h. glibc's
+    // `clock_getcpuclockid` makes the same id, with a `clock_getres` call to check it.
+    let pid = i32::try_from(pid).ok()?;
+    let id = ((!pid) << 3) | 2;
+    let time = nix::time::clock_gettime(nix::time::ClockId::from_raw(id)).ok()?;
+    let secs = u64::try_from(time.tv_sec()).ok()?;
+    let nanos = u64::try_from(time.tv_nsec()).ok()?;
+    secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
+/// Whether `proc_dir` is a procfs of this process's own PID namespace, so that a PID listed
+/// there names the same process for [`process_cpu_ns`]. `NSpid` in `<proc>/self/status`
+/// lists this process's PID in each namespace from the procfs's own down to this process's:
+/// one entry, equal to `getpid()`, means they are the same. A fixture tree has no such file.
+pub fn is_own_pid_namespace(proc_dir: &Path) -> bool {
+    let Ok(status) = std::fs::read(proc_dir.join("self/status")) else {
+        return false;
+    };
+    let Some(line) = lines(&status).find_map(|l| l.strip_prefix(b"NSpid:")) else {
+        return false;
+    };
+    let mut pids = fields(line);
+    let own = u64::from(
+        rustix::process::getpid()
+            .as_raw_nonzero()
+            .get()
+            .unsigned_abs(),
+    );
+    pids.next().and_then(parse_u64) == Some(own) && pids.next().is_none()
+}
+
+/// Size and resident set of a process in pages, from `/proc/PID/statm`: the same counters
+/// as `stat`'s `vsize` (in bytes there) and `rss`, at a quarter of `stat`'s cost to generate.
+pub fn parse_statm(bytes: &[u8]) -> Option<(u64, u64)> {
+    let mut fields = fields(bytes);
+    let size = parse_u64(fields.next()?)?;
+    let resident = parse_u64(fields.next()?)?;
+    Some((size, resident))
+}
+
 /// The soft and hard `RLIMIT_NOFILE` of this process (`None`: unlimited).
 pub fn open_files_limit() -> (Option<u64>, Option<u64>) {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);

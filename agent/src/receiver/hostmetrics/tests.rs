@@ -697,10 +697,10 @@ fn files_of_vanished_processes_are_closed() {
     let mut scrapers = Scrapers::new(&config(dir.path(), "  process: {}\n"), KERNEL);
     let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
     let first = scrapers.scrape(at(NOW_SECS));
-    // Per process with the defaults: its directory, stat, cmdline and io (`exe` is read
-    // through the directory, once).
-    assert_eq!(first.open_files, 12);
-    assert_eq!(fds_under(dir.path()), 12);
+    // Per process with the defaults: its directory, stat, statm, cmdline and io (`exe` is
+    // read through the directory, once).
+    assert_eq!(first.open_files, 15);
+    assert_eq!(fds_under(dir.path()), 15);
 
     std::fs::remove_dir_all(dir.path().join("proc/101")).unwrap();
     let second = scrapers.scrape(at(NOW_SECS + 10));
@@ -708,8 +708,8 @@ fn files_of_vanished_processes_are_closed() {
         by_pid(&second).keys().copied().collect::<Vec<_>>(),
         vec![100, 102]
     );
-    assert_eq!(second.open_files, 8);
-    assert_eq!(fds_under(dir.path()), 8);
+    assert_eq!(second.open_files, 10);
+    assert_eq!(fds_under(dir.path()), 10);
     drop(scrapers);
     assert_eq!(fds_under(dir.path()), 0);
 }
@@ -747,9 +747,9 @@ fn beyond_max_open_files_every_process_is_still_read() {
         }
     }
     assert_eq!(by_pid(&unlimited[1]).len(), 6);
-    // The directory, stat, status, cmdline, io and fd directory of each process; 104's io
-    // is unreadable (not kept), 102 is a kernel thread (no cmdline read).
-    assert_eq!(unlimited[1].open_files, 6 * 6 - 2);
+    // The directory, stat, statm, status, cmdline, io and fd directory of each process;
+    // 104's io is unreadable (not kept), 102 is a kernel thread (no cmdline read).
+    assert_eq!(unlimited[1].open_files, 6 * 7 - 2);
 }
 
 /// The `hostmetrics` example of docs/configuration.md (which shows `max_open_files`) is a
@@ -870,8 +870,8 @@ fn a_kernel_threads_cmdline_and_exe_are_not_read() {
         Some("kworker/0:1-events_unbound")
     );
     assert_eq!(resource_attr(rm, "process.executable.path"), None);
-    // Its directory, stat and io.
-    assert_eq!(output.open_files, 3);
+    // Its directory, stat, statm and io.
+    assert_eq!(output.open_files, 4);
     assert!(output.errors.counts.is_empty(), "{:?}", output.errors);
 }
 
@@ -1067,4 +1067,239 @@ fn a_process_whose_attributes_change_gets_a_fresh_resource() {
         scrape(&mut scrapers),
         ["7", "app2", "/usr/bin/app2", "/usr/bin/app2", "app"]
     );
+}
+
+// Against this machine's `/proc`: processes that do not run between scrapes are written from
+// their last full read (`ProcessScraper::read_idle`), and must read exactly as a full read.
+
+/// Perl sets its own title (`comm` and the command line, as `setproctitle` does) to each
+/// line it reads, and answers "ok"; between lines it waits without running. Its parent is a
+/// `sh` waiting for it, so that the parent does not run either.
+const RETITLER: &str =
+    r#"$| = 1; print "$$\n"; while (my $l = <STDIN>) { chomp $l; $0 = $l; print "ok\n" }"#;
+
+struct Retitler {
+    shell: std::process::Child,
+    pid: u32,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Retitler {
+    fn spawn(title: &str) -> Self {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let mut shell = Command::new("/bin/sh")
+            .args(["-c", "perl -e \"$PHX_RETITLER\"; exit 0"])
+            .env("PHX_RETITLER", RETITLER)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("sh and perl (Debian's essential perl-base) run");
+        let stdin = shell.stdin.take().unwrap();
+        let mut stdout = std::io::BufReader::new(shell.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let pid = line.trim().parse().expect("perl prints its pid");
+        let mut retitler = Self {
+            shell,
+            pid,
+            stdin,
+            stdout,
+        };
+        retitler.retitle(title);
+        retitler
+    }
+
+    /// Returns once the title is set.
+    fn retitle(&mut self, title: &str) {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.stdin, "{title}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "ok\n");
+    }
+}
+
+impl Drop for Retitler {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        let _ = self.shell.wait();
+    }
+}
+
+fn real_kernel() -> KernelConstants {
+    let (clk_tck, page_size) = procfs::kernel_constants(Path::new("/proc"));
+    KernelConstants { clk_tck, page_size }
+}
+
+/// A scraper of this machine's `/proc` keeping files (so idle processes are not read again),
+/// and one keeping none (every process read in full, every scrape).
+fn real_scrapers(process: &str) -> (Scrapers, Scrapers) {
+    assert!(
+        procfs::is_own_pid_namespace(Path::new("/proc")),
+        "the tests run in the PID namespace of /proc"
+    );
+    let kept = config(Path::new("/"), &format!("  process:\n{process}"));
+    let full = format!("  process:\n{process}    max_open_files: 0\n");
+    let full = config(Path::new("/"), &full);
+    (
+        Scrapers::new(&kept, real_kernel()),
+        Scrapers::new(&full, real_kernel()),
+    )
+}
+
+fn stat_ppid(pid: u32) -> i64 {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
+    procfs::parse_pid_stat(&stat).unwrap().ppid
+}
+
+#[test]
+fn processes_that_did_not_run_are_written_as_a_full_read_writes_them() {
+    let include = "    include: { names: ['^phx-idle'], match_type: regexp }\n";
+    let (mut kept, mut full) = real_scrapers(include);
+    let mut helpers = [
+        Retitler::spawn("phx-idle-one"),
+        Retitler::spawn("phx-idle-two --with arguments"),
+    ];
+    let start = std::time::SystemTime::now();
+    let at = |s: u64| start + Duration::from_secs(s);
+    // The first read of a process learns its parent; the second reads the parent's clock
+    // before `stat`, which makes the third the first that can skip the files.
+    assert_eq!(kept.scrape(at(0)).idle_processes, 0);
+    assert_eq!(kept.scrape(at(10)).idle_processes, 0);
+    let idle = kept.scrape(at(20));
+    let reference = full.scrape(at(20));
+    assert_eq!(idle.idle_processes, 2);
+    assert_eq!(reference.idle_processes, 0);
+    for helper in &helpers {
+        let rm = by_pid(&idle)[&i64::from(helper.pid)];
+        assert_eq!(rm, by_pid(&reference)[&i64::from(helper.pid)]);
+        assert!(values(rm)["process.memory.usage{}"] > 0.0);
+        assert!(values(rm)["process.memory.virtual{}"] > 0.0);
+    }
+    let command_line = |o: &ScrapeOutput, pid: u32| {
+        resource_attr(by_pid(o)[&i64::from(pid)], "process.command_line")
+    };
+    assert_eq!(
+        command_line(&idle, helpers[1].pid).as_deref(),
+        Some("phx-idle-two --with arguments")
+    );
+
+    // A process that runs (here, to change its title) is read afresh.
+    helpers[1].retitle("phx-idle-renamed");
+    let after = kept.scrape(at(30));
+    let reference = full.scrape(at(30));
+    assert_eq!(after.idle_processes, 1);
+    assert_eq!(
+        command_line(&after, helpers[1].pid).as_deref(),
+        Some("phx-idle-renamed")
+    );
+    assert_eq!(
+        resource_attr(
+            by_pid(&after)[&i64::from(helpers[1].pid)],
+            "process.executable.name"
+        )
+        .as_deref(),
+        Some("phx-idle-renamed")
+    );
+    for helper in &helpers {
+        let pid = i64::from(helper.pid);
+        assert_eq!(by_pid(&after)[&pid], by_pid(&reference)[&pid]);
+    }
+    // The renamed one is idle again from the next scrape.
+    assert_eq!(kept.scrape(at(40)).idle_processes, 2);
+}
+
+#[test]
+fn a_process_whose_parent_exited_is_read_afresh() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let sleeper = dir.path().join("phx-orphan");
+    std::fs::copy("/bin/sleep", &sleeper).unwrap();
+    // The parent `sh` waits for a line, then exits and leaves its `sleep` to be adopted.
+    let mut shell = Command::new("/bin/sh")
+        .args(["-c", "\"$0\" 300 </dev/null >/dev/null & echo $!; read x"])
+        .arg(&sleeper)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(shell.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let orphan: u32 = line.trim().parse().unwrap();
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+    let _kill = Kill(orphan);
+    // `sleep` runs until it has exec'd and sleeps.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(format!("/proc/{orphan}/comm")).is_ok_and(|c| c == b"phx-orphan\n") {
+        assert!(std::time::Instant::now() < deadline, "sleep did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let include = "    include: { names: [phx-orphan], match_type: strict }\n";
+    let (mut kept, mut full) = real_scrapers(include);
+    let start = std::time::SystemTime::now();
+    let at = |s: u64| start + Duration::from_secs(s);
+    let parent_pid = |o: &ScrapeOutput| {
+        let rm = by_pid(o)[&i64::from(orphan)];
+        rm.resource
+            .as_ref()
+            .unwrap()
+            .attributes
+            .iter()
+            .find(|kv| kv.key == "process.parent_pid")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                any_value::Value::IntValue(i) => Some(*i),
+                _ => None,
+            })
+            .unwrap()
+    };
+    kept.scrape(at(0));
+    kept.scrape(at(10));
+    let idle = kept.scrape(at(20));
+    assert_eq!(idle.idle_processes, 1);
+    assert_eq!(parent_pid(&idle), i64::from(shell.id()));
+
+    // The parent exits without the child running: the child's `ppid` changes all the same.
+    writeln!(shell.stdin.take().unwrap(), "exit").unwrap();
+    shell.wait().unwrap();
+    let adopted = kept.scrape(at(30));
+    let reference = full.scrape(at(30));
+    assert_eq!(adopted.idle_processes, 0);
+    assert_ne!(parent_pid(&adopted), i64::from(shell.id()));
+    assert_eq!(parent_pid(&adopted), stat_ppid(orphan));
+    let pid = i64::from(orphan);
+    assert_eq!(by_pid(&adopted)[&pid], by_pid(&reference)[&pid]);
+}
+
+#[test]
+fn clocks_are_read_only_in_this_pid_namespaces_proc() {
+    assert!(procfs::is_own_pid_namespace(Path::new("/proc")));
+    let dir = tempfile::tempdir().unwrap();
+    fixture::write(dir.path(), &[Process::new(100, "sleep", &["9"])]).unwrap();
+    assert!(!procfs::is_own_pid_namespace(&dir.path().join("proc")));
+
+    let own = std::process::id();
+    let before = procfs::process_cpu_ns(own).unwrap();
+    let spin = std::time::Instant::now();
+    while spin.elapsed() < Duration::from_millis(30) {
+        std::hint::black_box(procfs::parse_u64(b"12345"));
+    }
+    assert!(procfs::process_cpu_ns(own).unwrap() > before);
+    assert_eq!(procfs::process_cpu_ns(u32::MAX), None);
 }
