@@ -15,6 +15,11 @@
 //! prints the mean CPU of each: on a shared machine their difference is steadier than that
 //! of two runs taken in turn.
 //!
+//! `PHOENIX_BENCH_INTERVAL_MS=<ms>` pauses that long between those scrapes (at least 10 are
+//! taken): processes that wake up more often than that have all run between two scrapes, as
+//! between scrapes of a real interval, so none is written from its last read (see
+//! `phoenix_receiver_scrape_idle_processes_total`); back to back, most would be.
+//!
 //! The kernel floor (`Scrapers::read_only`) is the system calls a steady-state scrape makes
 //! (the listing, `fstat` and `pread` of the kept files) without parsing or building: what
 //! the scrape would cost if Phoenix's own work were free. Phoenix's own work = scrape − floor.
@@ -54,9 +59,10 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
     std::hint::black_box(scrapers.scrape(SystemTime::now()));
     let first = thread_cpu_ns() - before;
     let (before, (user, system)) = (thread_cpu_ns(), thread_user_system_ticks());
-    let mut open_files = 0;
+    let (mut open_files, mut idle) = (0, 0);
     for _ in 0..RUNS {
-        open_files = std::hint::black_box(scrapers.scrape(SystemTime::now())).open_files;
+        let output = std::hint::black_box(scrapers.scrape(SystemTime::now()));
+        (open_files, idle) = (output.open_files, output.idle_processes);
     }
     let per_scrape = (thread_cpu_ns() - before) / RUNS;
     let (user_after, system_after) = thread_user_system_ticks();
@@ -74,38 +80,60 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
         "n/a (no files kept)".to_string()
     };
     eprintln!(
-        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel), kernel floor {floor}; {open_files} files kept open",
+        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel), kernel floor {floor}; {open_files} files kept open, {idle} processes idle in the last",
         first as f64 / 1e6,
         per_scrape as f64 / 1e6,
     );
 }
 
+/// `PHOENIX_BENCH_INTERVAL_MS`: the pause between two scrapes of [`only`] and
+/// [`only_with_floor`] (none by default).
+fn interval() -> Duration {
+    let ms = std::env::var("PHOENIX_BENCH_INTERVAL_MS").map(|v| {
+        v.parse()
+            .expect("PHOENIX_BENCH_INTERVAL_MS is a number of milliseconds")
+    });
+    Duration::from_millis(ms.unwrap_or(0))
+}
+
+/// Whether [`only`] and [`only_with_floor`] scrape again: for 8 s, and at least 10 times.
+fn again(started: Instant, runs: u64, pause: Duration) -> bool {
+    if started.elapsed() >= Duration::from_secs(8) && runs >= 10 {
+        return false;
+    }
+    std::thread::sleep(pause);
+    true
+}
+
 /// Scrapes `scrapers` for 8 s after a first scrape; prints the mean CPU per scrape.
 fn only(name: &str, scrapers: &mut Scrapers) {
+    let pause = interval();
     scrapers.scrape(SystemTime::now());
-    eprintln!("hostmetrics/{name}: scraping for 8 s");
-    let (started, before) = (Instant::now(), thread_cpu_ns());
-    let mut runs = 0u64;
-    while started.elapsed() < Duration::from_secs(8) {
-        std::hint::black_box(scrapers.scrape(SystemTime::now()));
+    eprintln!("hostmetrics/{name}: scraping for 8 s, {pause:?} apart");
+    let started = Instant::now();
+    let (mut runs, mut cpu_ns, mut idle) = (0u64, 0u64, 0u64);
+    while again(started, runs, pause) {
+        let before = thread_cpu_ns();
+        idle = std::hint::black_box(scrapers.scrape(SystemTime::now())).idle_processes;
+        cpu_ns += thread_cpu_ns() - before;
         runs += 1;
     }
-    let per_scrape = (thread_cpu_ns() - before) / runs.max(1);
     eprintln!(
-        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms",
-        per_scrape as f64 / 1e6
+        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms; {idle} processes idle in the last",
+        cpu_ns as f64 / runs.max(1) as f64 / 1e6
     );
 }
 
 /// [`only`] with the kernel floor after each scrape, each timed apart.
 fn only_with_floor(name: &str, scrapers: &mut Scrapers) {
+    let pause = interval();
     scrapers.scrape(SystemTime::now());
-    eprintln!("hostmetrics/{name}: scraping and the kernel floor in turn for 8 s");
+    eprintln!("hostmetrics/{name}: scraping and the kernel floor in turn for 8 s, {pause:?} apart");
     let started = Instant::now();
-    let (mut runs, mut scrape_ns, mut floor_ns) = (0u64, 0u64, 0u64);
-    while started.elapsed() < Duration::from_secs(8) {
+    let (mut runs, mut scrape_ns, mut floor_ns, mut idle) = (0u64, 0u64, 0u64, 0u64);
+    while again(started, runs, pause) {
         let before = thread_cpu_ns();
-        std::hint::black_box(scrapers.scrape(SystemTime::now()));
+        idle = std::hint::black_box(scrapers.scrape(SystemTime::now())).idle_processes;
         let between = thread_cpu_ns();
         scrapers.read_only();
         floor_ns += thread_cpu_ns() - between;
@@ -114,7 +142,7 @@ fn only_with_floor(name: &str, scrapers: &mut Scrapers) {
     }
     let per = |ns: u64| ns as f64 / runs.max(1) as f64 / 1e6;
     eprintln!(
-        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms, kernel floor {:.3} ms",
+        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms, kernel floor {:.3} ms; {idle} processes idle in the last",
         per(scrape_ns),
         per(floor_ns)
     );
