@@ -276,7 +276,8 @@ struct Steady {
     clock_ns: u64,
     /// The parent's CPU clock, read before the process's `stat` was: while it reads the
     /// same, the parent has not exited, so `ppid` still names it. `None` when it was not
-    /// read before `stat` (the parent was not known yet) or is not needed (`ppid` 0 or 1).
+    /// read before `stat` (a new parent, not read yet in this scrape) or is not needed
+    /// (`ppid` 0 or 1).
     parent_clock_ns: Option<u64>,
     ppid: i64,
     values: StatValues,
@@ -1055,6 +1056,18 @@ impl ProcessScraper {
             return Outcome::Stale;
         }
         files.starttime = Some(stat.starttime);
+        // The parent's clock as read before `stat`: the one read above if the parent is the
+        // same, or else one read earlier in this scrape (a parent listed before the child).
+        let parent_clock = if last_ppid == Some(stat.ppid) {
+            parent_clock
+        } else {
+            let generation = self.generation;
+            u32::try_from(stat.ppid)
+                .ok()
+                .filter(|&parent| parent > 1)
+                .and_then(|parent| self.known.get(&parent)?.clock)
+                .and_then(|(read_in, ns)| ns.filter(|_| read_in == generation))
+        };
 
         let known = match self.known.entry(pid) {
             Entry::Occupied(entry) => {
@@ -1074,7 +1087,7 @@ impl ProcessScraper {
         // `stat`, so that an exit after it shows as a change.
         let mut steady = own_clock.map(|clock_ns| Steady {
             clock_ns,
-            parent_clock_ns: parent_clock.filter(|_| last_ppid == Some(stat.ppid)),
+            parent_clock_ns: parent_clock,
             ppid: stat.ppid,
             values: StatValues::of(&stat),
             io: None,
