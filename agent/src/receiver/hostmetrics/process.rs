@@ -280,6 +280,8 @@ struct Steady {
     /// (`ppid` 0 or 1).
     parent_clock_ns: Option<u64>,
     ppid: i64,
+    /// A kernel thread: its parent is `kthreadd`, which never exits.
+    kthread: bool,
     values: StatValues,
     io: Option<procfs::PidIo>,
     owner_uid: Option<u32>,
@@ -866,8 +868,9 @@ impl ProcessScraper {
         let (ppid, parent_clock, filtered_out) =
             (steady.ppid, steady.parent_clock_ns, steady.filtered_out);
         // PIDs 0 (no parent in this namespace) and 1 (init, whose exit ends the namespace)
-        // never change; another parent that did not run has not exited.
-        if !filtered_out && ppid > 1 {
+        // never change, nor does a kernel thread's (`kthreadd`, which never exits but runs
+        // whenever a kernel thread is made); another parent that did not run has not exited.
+        if !filtered_out && !steady.kthread && ppid > 1 {
             let parent = u32::try_from(ppid).ok()?;
             if parent_clock.is_none() || self.clock(parent) != parent_clock {
                 return None;
@@ -899,11 +902,7 @@ impl ProcessScraper {
                 // The passwd file changed the owner's name: build the resource afresh.
                 return None;
             }
-            if let (Some(uid), None) = (steady.owner_uid, owner) {
-                ctx.errors.add(NAME, Reason::User, s.mute_user, || {
-                    format!("pid {pid}: uid {uid} is not in the passwd file")
-                });
-            }
+            let unknown_uid = steady.owner_uid.filter(|_| owner.is_none());
             let status = if m.context_switches || m.signals_pending {
                 let keep = files.keep && files.count() < room;
                 match read_file(
@@ -939,6 +938,11 @@ impl ProcessScraper {
             } else {
                 None
             };
+            if let Some(uid) = unknown_uid {
+                ctx.errors.add(NAME, Reason::User, s.mute_user, || {
+                    format!("pid {pid}: uid {uid} is not in the passwd file")
+                });
+            }
             let known = self.known.get_mut(&pid)?;
             let steady = known.steady.as_deref()?;
             let resource = known.resource.as_deref()?;
@@ -1089,6 +1093,7 @@ impl ProcessScraper {
             clock_ns,
             parent_clock_ns: parent_clock,
             ppid: stat.ppid,
+            kthread: stat.flags & procfs::PF_KTHREAD != 0,
             values: StatValues::of(&stat),
             io: None,
             owner_uid: None,

@@ -1078,11 +1078,41 @@ fn a_process_whose_attributes_change_gets_a_fresh_resource() {
 const RETITLER: &str =
     r#"$| = 1; print "$$\n"; while (my $l = <STDIN>) { chomp $l; $0 = $l; print "ok\n" }"#;
 
+/// Kills a process when dropped (a test that fails leaves none behind).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Returns once the CPU clocks of `pids` stay the same over 50 ms: each is blocked, waiting,
+/// and will not run until the test makes it.
+fn wait_until_idle(pids: &[u32]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let before: Vec<_> = pids.iter().map(|&p| procfs::process_cpu_ns(p)).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let after: Vec<_> = pids.iter().map(|&p| procfs::process_cpu_ns(p)).collect();
+        if before == after && after.iter().all(Option::is_some) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes {pids:?} kept running"
+        );
+    }
+}
+
 struct Retitler {
     shell: std::process::Child,
     pid: u32,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
+    _kill: KillOnDrop,
 }
 
 impl Retitler {
@@ -1106,18 +1136,20 @@ impl Retitler {
             pid,
             stdin,
             stdout,
+            _kill: KillOnDrop(pid),
         };
         retitler.retitle(title);
         retitler
     }
 
-    /// Returns once the title is set.
+    /// Returns once the title is set and perl and its `sh` wait again.
     fn retitle(&mut self, title: &str) {
         use std::io::{BufRead as _, Write as _};
         writeln!(self.stdin, "{title}").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
         assert_eq!(line, "ok\n");
+        wait_until_idle(&[self.pid, self.shell.id()]);
     }
 }
 
@@ -1136,12 +1168,16 @@ fn real_kernel() -> KernelConstants {
 }
 
 /// A scraper of this machine's `/proc` keeping files (so idle processes are not read again),
-/// and one keeping none (every process read in full, every scrape).
+/// and one keeping none (every process read in full, every scrape). `process` is the body of
+/// the `process:` scraper's config.
 fn real_scrapers(process: &str) -> (Scrapers, Scrapers) {
     assert!(
         procfs::is_own_pid_namespace(Path::new("/proc")),
         "the tests run in the PID namespace of /proc"
     );
+    // As the agent does at start: a budget of half a soft limit of 1024 would leave the
+    // test's processes, the newest, beyond it on a busy machine.
+    procfs::raise_open_files_limit().unwrap();
     let kept = config(Path::new("/"), &format!("  process:\n{process}"));
     let full = format!("  process:\n{process}    max_open_files: 0\n");
     let full = config(Path::new("/"), &full);
@@ -1151,6 +1187,12 @@ fn real_scrapers(process: &str) -> (Scrapers, Scrapers) {
     )
 }
 
+/// Every process metric on, as the body of a `process:` config, followed by `rest`.
+fn all_process_metrics(rest: &str) -> String {
+    let metrics = ALL_PROCESS_METRICS.strip_prefix("  process:\n").unwrap();
+    format!("{metrics}{rest}")
+}
+
 fn stat_ppid(pid: u32) -> i64 {
     let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
     procfs::parse_pid_stat(&stat).unwrap().ppid
@@ -1158,58 +1200,69 @@ fn stat_ppid(pid: u32) -> i64 {
 
 #[test]
 fn processes_that_did_not_run_are_written_as_a_full_read_writes_them() {
-    let include = "    include: { names: ['^phx-idle'], match_type: regexp }\n";
-    let (mut kept, mut full) = real_scrapers(include);
+    // Names unique to this test run, so that another run at the same time is not counted.
+    let prefix = format!("phx-i{}", std::process::id());
+    let include = format!("    include: {{ names: ['^{prefix}'], match_type: regexp }}\n");
+    let (mut kept, mut full) = real_scrapers(&all_process_metrics(&include));
     let mut helpers = [
-        Retitler::spawn("phx-idle-one"),
-        Retitler::spawn("phx-idle-two --with arguments"),
+        Retitler::spawn(&format!("{prefix}-one")),
+        Retitler::spawn(&format!("{prefix}-two --with arguments")),
+        Retitler::spawn(&format!("{prefix}-three")),
     ];
     let start = std::time::SystemTime::now();
     let at = |s: u64| start + Duration::from_secs(s);
+    let rm = |o: &ScrapeOutput, pid: u32| by_pid(o)[&i64::from(pid)].clone();
+    let command_line = |o: &ScrapeOutput, pid: u32| {
+        resource_attr(by_pid(o)[&i64::from(pid)], "process.command_line")
+    };
     // A process is reused from its second scrape when its parent was read before it in the
     // first (listed first: a lower PID), else from its third, once its parent is known.
     assert_eq!(kept.scrape(at(0)).idle_processes, 0);
     kept.scrape(at(10));
+    full.scrape(at(10));
     let idle = kept.scrape(at(20));
     let reference = full.scrape(at(20));
-    assert_eq!(idle.idle_processes, 2);
+    assert_eq!(idle.uncached_processes, 0, "all kept within max_open_files");
+    assert_eq!(idle.idle_processes, 3);
     assert_eq!(reference.idle_processes, 0);
+    assert!(idle.errors.counts.is_empty(), "{:?}", idle.errors);
     for helper in &helpers {
-        let rm = by_pid(&idle)[&i64::from(helper.pid)];
-        assert_eq!(rm, by_pid(&reference)[&i64::from(helper.pid)]);
-        assert!(values(rm)["process.memory.usage{}"] > 0.0);
-        assert!(values(rm)["process.memory.virtual{}"] > 0.0);
+        let written = rm(&idle, helper.pid);
+        assert_eq!(written, rm(&reference, helper.pid));
+        let values = values(&written);
+        assert!(values["process.memory.usage{}"] > 0.0);
+        assert!(values["process.memory.virtual{}"] > 0.0);
+        assert!(values["process.threads{}"] >= 1.0);
+        assert!(values["process.open_file_descriptors{}"] >= 3.0);
+        assert_eq!(values["process.cpu.utilization{state=user}"], 0.0);
     }
-    let command_line = |o: &ScrapeOutput, pid: u32| {
-        resource_attr(by_pid(o)[&i64::from(pid)], "process.command_line")
-    };
     assert_eq!(
-        command_line(&idle, helpers[1].pid).as_deref(),
-        Some("phx-idle-two --with arguments")
+        command_line(&idle, helpers[1].pid),
+        Some(format!("{prefix}-two --with arguments"))
     );
 
-    // A process that runs (here, to change its title) is read afresh.
-    helpers[1].retitle("phx-idle-renamed");
+    // A process that runs (here, to change its title) is read afresh; one that exits is
+    // no longer written.
+    helpers[1].retitle(&format!("{prefix}-renamed"));
+    let exited = helpers[2].pid;
+    let [first, second, third] = helpers;
+    drop(third);
     let after = kept.scrape(at(30));
     let reference = full.scrape(at(30));
     assert_eq!(after.idle_processes, 1);
+    assert!(!by_pid(&after).contains_key(&i64::from(exited)));
     assert_eq!(
-        command_line(&after, helpers[1].pid).as_deref(),
-        Some("phx-idle-renamed")
+        command_line(&after, second.pid),
+        Some(format!("{prefix}-renamed"))
     );
     assert_eq!(
-        resource_attr(
-            by_pid(&after)[&i64::from(helpers[1].pid)],
-            "process.executable.name"
-        )
-        .as_deref(),
-        Some("phx-idle-renamed")
+        resource_attr(&rm(&after, second.pid), "process.executable.name"),
+        Some(format!("{prefix}-renamed"))
     );
-    for helper in &helpers {
-        let pid = i64::from(helper.pid);
-        assert_eq!(by_pid(&after)[&pid], by_pid(&reference)[&pid]);
+    for helper in [&first, &second] {
+        assert_eq!(rm(&after, helper.pid), rm(&reference, helper.pid));
     }
-    // The renamed one is idle again from the next scrape.
+    // The renamed one is reused again from the next scrape.
     assert_eq!(kept.scrape(at(40)).idle_processes, 2);
 }
 
@@ -1218,7 +1271,9 @@ fn a_process_whose_parent_exited_is_read_afresh() {
     use std::io::Write as _;
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
-    let sleeper = dir.path().join("phx-orphan");
+    // Unique to this test run; short enough for `comm` (15 bytes).
+    let name = format!("phx-o{}", std::process::id());
+    let sleeper = dir.path().join(&name);
     std::fs::copy("/bin/sleep", &sleeper).unwrap();
     // The parent `sh` waits for a line, then exits and leaves its `sleep` to be adopted.
     let mut shell = Command::new("/bin/sh")
@@ -1235,24 +1290,16 @@ fn a_process_whose_parent_exited_is_read_afresh() {
     )
     .unwrap();
     let orphan: u32 = line.trim().parse().unwrap();
-    struct Kill(u32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-    }
-    let _kill = Kill(orphan);
-    // `sleep` runs until it has exec'd and sleeps.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !std::fs::read(format!("/proc/{orphan}/comm")).is_ok_and(|c| c == b"phx-orphan\n") {
+    let _kill = KillOnDrop(orphan);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read(format!("/proc/{orphan}/comm")).ok() != Some(format!("{name}\n").into()) {
         assert!(std::time::Instant::now() < deadline, "sleep did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
+    wait_until_idle(&[orphan, shell.id()]);
 
-    let include = "    include: { names: [phx-orphan], match_type: strict }\n";
-    let (mut kept, mut full) = real_scrapers(include);
+    let include = format!("    include: {{ names: [{name}], match_type: strict }}\n");
+    let (mut kept, mut full) = real_scrapers(&include);
     let start = std::time::SystemTime::now();
     let at = |s: u64| start + Duration::from_secs(s);
     let parent_pid = |o: &ScrapeOutput| {
@@ -1276,6 +1323,7 @@ fn a_process_whose_parent_exited_is_read_afresh() {
         assert_eq!(second.idle_processes, 1);
     }
     let idle = kept.scrape(at(20));
+    assert_eq!(idle.uncached_processes, 0, "all kept within max_open_files");
     assert_eq!(idle.idle_processes, 1);
     assert_eq!(parent_pid(&idle), i64::from(shell.id()));
 
@@ -1305,5 +1353,9 @@ fn clocks_are_read_only_in_this_pid_namespaces_proc() {
         std::hint::black_box(procfs::parse_u64(b"12345"));
     }
     assert!(procfs::process_cpu_ns(own).unwrap() > before);
-    assert_eq!(procfs::process_cpu_ns(u32::MAX), None);
+    // A process that exited and was reaped has no clock.
+    let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+    let reaped = child.id();
+    child.wait().unwrap();
+    assert_eq!(procfs::process_cpu_ns(reaped), None);
 }
