@@ -121,6 +121,25 @@ async fn child_processes_are_scraped_with_their_names_command_lines_and_metrics(
             .unwrap(),
     );
     let (sleep_pid, sh_pid) = (sleep.0.id(), sh.0.id());
+    // A process that does not run between scrapes, under a parent that does not either:
+    // written from its last full read (`phoenix_receiver_scrape_idle_processes_total`).
+    let idler = tool_copy(bin.path(), "sleep", "phxhm_idle");
+    let mut waiter = KillOnDrop(
+        Command::new("/bin/sh")
+            .args(["-c", "\"$0\" 300 </dev/null >/dev/null & echo $!; read x"])
+            .arg(&idler)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let idle_pid: u32 = {
+        let mut line = String::new();
+        let stdout = waiter.0.stdout.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        line.trim().parse().unwrap()
+    };
+    let _idle = KillPidOnDrop(idle_pid);
 
     let sink = Sink::start().await;
     let agent = Agent::start(&CONFIG.replace("{SINK}", &sink.url())).await;
@@ -268,10 +287,40 @@ async fn child_processes_are_scraped_with_their_names_command_lines_and_metrics(
         )
         .await;
     eprintln!("processes that vanished mid-scrape: {vanished}");
+    let idle_scrapes = scrapes_of(&sink.requests(), idle_pid);
+    assert!(idle_scrapes.len() >= 4, "{}", idle_scrapes.len());
+    let last = idle_scrapes.last().unwrap();
+    assert_eq!(
+        str_attr(last, "process.executable.name"),
+        Some("phxhm_idle")
+    );
+    assert_eq!(
+        int_attr(last, "process.parent_pid"),
+        Some(i64::from(waiter.0.id()))
+    );
+    assert!(points(last)["process.memory.usage{}"].0 > 0.0);
+    let reused = agent
+        .metric(
+            "phoenix_receiver_scrape_idle_processes_total",
+            &[("receiver", "hostmetrics")],
+        )
+        .await;
+    assert!(reused > 0.0, "no process written from its last read");
     sleep.0.kill().unwrap();
     let (status, log) = agent.terminate();
     assert!(status.success(), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// Kills a process that is not the test's child when dropped.
+struct KillPidOnDrop(u32);
+
+impl Drop for KillPidOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
 }
 
 fn is_root() -> bool {
