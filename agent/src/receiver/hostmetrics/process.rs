@@ -903,40 +903,18 @@ impl ProcessScraper {
                 return None;
             }
             let unknown_uid = steady.owner_uid.filter(|_| owner.is_none());
-            let status = if m.context_switches || m.signals_pending {
-                let keep = files.keep && files.count() < room;
-                match read_file(
-                    &files.dir,
-                    &mut files.status,
-                    "status",
-                    keep,
-                    &mut self.status,
-                ) {
-                    Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
-                    Err(err) if procfs::is_gone(&err) => return Some(Outcome::Stale),
-                    Err(err) => {
-                        ctx.errors.add(NAME, Reason::Status, false, || {
-                            format!("pid {pid}: status: {err}")
-                        });
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let fds = if m.open_file_descriptors {
-                let keep = files.keep && files.count() < room;
-                match count_fds(&files.dir, &mut files.fd, keep, &mut self.dirents) {
-                    Ok(n) => Some(n),
-                    Err(err) if procfs::is_gone(&err) => return Some(Outcome::Stale),
-                    Err(err) => {
-                        ctx.errors
-                            .add(NAME, Reason::Fd, false, || format!("pid {pid}: fd: {err}"));
-                        None
-                    }
-                }
-            } else {
-                None
+            let unsettled = read_unsettled(
+                pid,
+                m,
+                files,
+                room,
+                &mut self.status,
+                &mut self.dirents,
+                ctx,
+            );
+            let Ok((status, fds)) = unsettled else {
+                // Gone since its files were kept: read afresh, as the full read would.
+                return Some(Outcome::Stale);
             };
             if let Some(uid) = unknown_uid {
                 ctx.errors.add(NAME, Reason::User, s.mute_user, || {
@@ -1188,32 +1166,23 @@ impl ProcessScraper {
             None => None,
         };
 
-        let needs_status = m.context_switches || m.signals_pending;
-        let status = if needs_status {
-            let keep = may_keep(files);
-            match read_file(
-                &files.dir,
-                &mut files.status,
-                "status",
-                keep,
-                &mut self.status,
-            ) {
-                Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
-                Err(err) => {
-                    if procfs::is_gone(&err) {
-                        ctx.errors
-                            .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
-                        return Outcome::Vanished;
-                    }
-                    // Not kept for reuse: `read_idle` reads `status` itself.
-                    ctx.errors.add(NAME, Reason::Status, false, || {
-                        format!("pid {pid}: status: {err}")
-                    });
-                    None
-                }
+        // Not kept for reuse: `read_idle` reads them too.
+        let unsettled = read_unsettled(
+            pid,
+            m,
+            files,
+            room,
+            &mut self.status,
+            &mut self.dirents,
+            ctx,
+        );
+        let (status, fds) = match unsettled {
+            Ok(read) => read,
+            Err(err) => {
+                ctx.errors
+                    .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
+                return Outcome::Vanished;
             }
-        } else {
-            None
         };
         let owner = owner_uid.and_then(|uid| {
             let name = self.users.names.get(&uid).map(String::as_str);
@@ -1243,25 +1212,6 @@ impl ProcessScraper {
                 }
                 Err(err) => {
                     gone_or!(err, Reason::Io, s.mute_io, "io");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-
-        let fds = if m.open_file_descriptors {
-            let keep = may_keep(files);
-            match count_fds(&files.dir, &mut files.fd, keep, &mut self.dirents) {
-                Ok(n) => Some(n),
-                Err(err) => {
-                    if procfs::is_gone(&err) {
-                        ctx.errors
-                            .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
-                        return Outcome::Vanished;
-                    }
-                    ctx.errors
-                        .add(NAME, Reason::Fd, false, || format!("pid {pid}: fd: {err}"));
                     None
                 }
             }
@@ -1337,6 +1287,52 @@ impl ProcessScraper {
         });
         Outcome::Emitted
     }
+}
+
+/// What can change without the process running, so is read when it is reused as on a full
+/// read: `status` (a signal can stay pending) and the count of `fd`, as far as their metrics
+/// are on. `Err` when the process is gone; other failures are counted and leave the value
+/// out.
+fn read_unsettled(
+    pid: u32,
+    m: Metrics,
+    files: &mut ProcFiles,
+    room: usize,
+    status_buf: &mut FileBuf,
+    dirents: &mut [MaybeUninit<u8>],
+    ctx: &mut ScrapeContext<'_>,
+) -> io::Result<(Option<procfs::PidStatus>, Option<u64>)> {
+    let may_keep = |files: &ProcFiles| files.keep && files.count() < room;
+    let status = if m.context_switches || m.signals_pending {
+        let keep = may_keep(files);
+        match read_file(&files.dir, &mut files.status, "status", keep, status_buf) {
+            Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
+            Err(err) if procfs::is_gone(&err) => return Err(err),
+            Err(err) => {
+                ctx.errors.add(NAME, Reason::Status, false, || {
+                    format!("pid {pid}: status: {err}")
+                });
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let fds = if m.open_file_descriptors {
+        let keep = may_keep(files);
+        match count_fds(&files.dir, &mut files.fd, keep, dirents) {
+            Ok(n) => Some(n),
+            Err(err) if procfs::is_gone(&err) => return Err(err),
+            Err(err) => {
+                ctx.errors
+                    .add(NAME, Reason::Fd, false, || format!("pid {pid}: fd: {err}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    Ok((status, fds))
 }
 
 /// A process's memory, in bytes.
