@@ -27,12 +27,17 @@
 // The inputs are built by the bench itself; a failure is a bug worth a panic.
 #![allow(clippy::expect_used)]
 
+use std::alloc::System;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use phoenix_agent::receiver::hostmetrics::{fixture, parse_config, KernelConstants, Scrapers};
 
 const PROCESSES: usize = 1000;
+
+/// Counts allocations, to show that a steady-state scrape allocates nothing per process.
+#[global_allocator]
+static GLOBAL: &stats_alloc::StatsAlloc<System> = &stats_alloc::INSTRUMENTED_SYSTEM;
 
 /// CPU time this thread has used, from the scheduler (ns precision; user + system).
 fn thread_cpu_ns() -> u64 {
@@ -60,10 +65,12 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
     let first = thread_cpu_ns() - before;
     let (before, (user, system)) = (thread_cpu_ns(), thread_user_system_ticks());
     let (mut open_files, mut idle) = (0, 0);
+    let allocations = stats_alloc::Region::new(GLOBAL);
     for _ in 0..RUNS {
         let output = std::hint::black_box(scrapers.scrape(SystemTime::now()));
         (open_files, idle) = (output.open_files, output.idle_processes);
     }
+    let allocations = allocations.change().allocations as u64 / RUNS;
     let per_scrape = (thread_cpu_ns() - before) / RUNS;
     let (user_after, system_after) = thread_user_system_ticks();
     let (user, system) = (user_after - user, system_after - system);
@@ -80,7 +87,7 @@ fn report_cpu(name: &str, scrapers: &mut Scrapers) {
         "n/a (no files kept)".to_string()
     };
     eprintln!(
-        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel), kernel floor {floor}; {open_files} files kept open, {idle} processes idle in the last",
+        "hostmetrics/{name}: CPU first scrape {:.2} ms, per later scrape {:.2} ms ({kernel_share}% in the kernel), kernel floor {floor}; {open_files} files kept open, {idle} processes idle in the last, {allocations} allocations per later scrape",
         first as f64 / 1e6,
         per_scrape as f64 / 1e6,
     );

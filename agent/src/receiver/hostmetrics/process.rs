@@ -291,6 +291,18 @@ struct Steady {
     noted: Box<[Noted]>,
 }
 
+/// `steady` boxed, in `spare`'s allocation when there is one.
+fn boxed(steady: Option<Steady>, spare: Option<Box<Steady>>) -> Option<Box<Steady>> {
+    let steady = steady?;
+    Some(match spare {
+        Some(mut spare) => {
+            *spare = steady;
+            spare
+        }
+        None => Box::new(steady),
+    })
+}
+
 /// An error a full read counted (see [`Steady::noted`]).
 #[derive(Debug)]
 struct Noted {
@@ -1064,7 +1076,9 @@ impl ProcessScraper {
         known.generation = self.generation;
         known.clock = Some((self.generation, own_clock));
         known.ppid = Some(stat.ppid);
-        known.steady = None;
+        // Its allocation is reused, so that reading a process that keeps running allocates
+        // nothing.
+        let spare = known.steady.take();
         // Reusable while neither clock moves; the parent's only if it was read before
         // `stat`, so that an exit after it shows as a change.
         let mut steady = own_clock.map(|clock_ns| Steady {
@@ -1109,13 +1123,12 @@ impl ProcessScraper {
         if s.include.as_ref().is_some_and(|f| !f.matches(&name))
             || s.exclude.as_ref().is_some_and(|f| f.matches(&name))
         {
-            known.steady = steady.map(|steady| {
-                Box::new(Steady {
-                    filtered_out: true,
-                    noted: noted.into(),
-                    ..steady
-                })
+            let steady = steady.map(|steady| Steady {
+                filtered_out: true,
+                noted: noted.into(),
+                ..steady
             });
+            known.steady = boxed(steady, spare);
             return Outcome::Skipped;
         }
 
@@ -1277,14 +1290,13 @@ impl ProcessScraper {
             // No metric had a point (e.g. only utilization on, at the first scrape).
             return Outcome::Skipped;
         }
-        known.steady = steady.map(|steady| {
-            Box::new(Steady {
-                io,
-                owner_uid,
-                noted: noted.into(),
-                ..steady
-            })
+        let steady = steady.map(|steady| Steady {
+            io,
+            owner_uid,
+            noted: noted.into(),
+            ..steady
         });
+        known.steady = boxed(steady, spare);
         Outcome::Emitted
     }
 }
