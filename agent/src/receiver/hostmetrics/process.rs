@@ -893,19 +893,22 @@ impl ProcessScraper {
         let m = s.metrics;
         let room = self.max_open_files.saturating_sub(self.open_files);
         let keep = files.keep && files.count() < room;
+        let statm = if filtered_out {
+            None
+        } else {
+            match read_file(&files.dir, &mut files.statm, "statm", keep, &mut self.statm)
+                .map(procfs::parse_statm)
+            {
+                Ok(Some(pages)) => Some(pages),
+                // Gone since its files were kept: read afresh, as the full read would.
+                Err(err) if procfs::is_gone(&err) => return Some(Outcome::Stale),
+                _ => return None,
+            }
+        };
+        let known = self.known.get_mut(&pid)?;
+        let steady = known.steady.as_deref()?;
         let mut outcome = Outcome::Skipped;
-        if !filtered_out {
-            let (size, resident) =
-                match read_file(&files.dir, &mut files.statm, "statm", keep, &mut self.statm)
-                    .map(procfs::parse_statm)
-                {
-                    Ok(Some(pages)) => pages,
-                    // Gone since its files were kept: read afresh, as the full read would.
-                    Err(err) if procfs::is_gone(&err) => return Some(Outcome::Stale),
-                    _ => return None,
-                };
-            let known = self.known.get(&pid)?;
-            let steady = known.steady.as_deref()?;
+        if let Some((size, resident)) = statm {
             let resource = known.resource.as_deref()?;
             let owner = steady
                 .owner_uid
@@ -914,7 +917,6 @@ impl ProcessScraper {
                 // The passwd file changed the owner's name: build the resource afresh.
                 return None;
             }
-            let unknown_uid = steady.owner_uid.filter(|_| owner.is_none());
             let unsettled = read_unsettled(
                 pid,
                 m,
@@ -928,14 +930,11 @@ impl ProcessScraper {
                 // Gone since its files were kept: read afresh, as the full read would.
                 return Some(Outcome::Stale);
             };
-            if let Some(uid) = unknown_uid {
+            if let (Some(uid), None) = (steady.owner_uid, owner) {
                 ctx.errors.add(NAME, Reason::User, s.mute_user, || {
                     format!("pid {pid}: uid {uid} is not in the passwd file")
                 });
             }
-            let known = self.known.get_mut(&pid)?;
-            let steady = known.steady.as_deref()?;
-            let resource = known.resource.as_deref()?;
             let memory = Memory {
                 vsize: size.saturating_mul(host.page_size),
                 rss: resident.saturating_mul(host.page_size),
@@ -958,15 +957,12 @@ impl ProcessScraper {
             }
             ctx.idle_processes += 1;
         }
-        let known = self.known.get_mut(&pid)?;
-        known.generation = self.generation;
-        if let Some(steady) = known.steady.as_deref() {
-            for noted in steady.noted.iter() {
-                ctx.errors.add(NAME, noted.reason, noted.muted, || {
-                    noted.example.to_string()
-                });
-            }
+        for noted in steady.noted.iter() {
+            ctx.errors.add(NAME, noted.reason, noted.muted, || {
+                noted.example.to_string()
+            });
         }
+        known.generation = self.generation;
         files.idle = true;
         Some(outcome)
     }
