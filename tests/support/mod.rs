@@ -62,10 +62,22 @@ pub fn agent_bin() -> PathBuf {
 
 /// A free loopback port (the OS picks; the tiny window before the agent binds is accepted).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free loopback ports: all are held until all are picked, since a port picked
+/// and released can be picked again by the next call.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("no free port"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .map(|a| a.port())
+            .expect("no free port")
+    })
 }
 
 /// A child process (a peer such as Prometheus or a Python client) killed and reaped when
@@ -99,10 +111,11 @@ pub struct Ports {
 impl Ports {
     pub fn new() -> Self {
         let addr = |p| SocketAddr::from(([127, 0, 0, 1], p));
+        let [grpc, http, telemetry] = free_ports();
         Self {
-            grpc: addr(free_port()),
-            http: addr(free_port()),
-            telemetry: addr(free_port()),
+            grpc: addr(grpc),
+            http: addr(http),
+            telemetry: addr(telemetry),
         }
     }
 
