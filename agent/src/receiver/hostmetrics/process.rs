@@ -303,6 +303,22 @@ fn boxed(steady: Option<Steady>, spare: Option<Box<Steady>>) -> Option<Box<Stead
     })
 }
 
+/// Counts an error of a full read, and keeps it in `noted` to count again on reuse.
+fn note(
+    ctx: &mut ScrapeContext<'_>,
+    noted: &mut Vec<Noted>,
+    reason: Reason,
+    muted: bool,
+    example: String,
+) {
+    ctx.errors.add(NAME, reason, muted, || example.clone());
+    noted.push(Noted {
+        reason,
+        muted,
+        example: example.into(),
+    });
+}
+
 /// An error a full read counted (see [`Steady::noted`]).
 #[derive(Debug)]
 struct Noted {
@@ -649,6 +665,16 @@ struct Host {
     mem_total: Option<u64>,
 }
 
+impl Host {
+    /// A process's start time (ns since the epoch) from `stat`'s `starttime`, and its age now.
+    fn start_and_age(&self, starttime: u64) -> (u64, Duration) {
+        let start_ns =
+            self.btime_ns + u128::from(starttime) * 1_000_000_000 / u128::from(self.clk_tck);
+        let start = u64::try_from(start_ns).unwrap_or(u64::MAX);
+        (start, Duration::from_nanos(self.now.saturating_sub(start)))
+    }
+}
+
 /// The outcome of reading one process.
 enum Outcome {
     /// Its resource was written to the request.
@@ -939,17 +965,20 @@ impl ProcessScraper {
                 vsize: size.saturating_mul(host.page_size),
                 rss: resident.saturating_mul(host.page_size),
             };
+            let reading = Reading {
+                stat: &steady.values,
+                memory,
+                io: steady.io,
+                status,
+                fds,
+            };
             let emitted = write_process(
                 out,
                 host,
                 m,
                 &resource.bytes,
                 &self.scope,
-                &steady.values,
-                memory,
-                steady.io,
-                status,
-                fds,
+                reading,
                 &mut known.cpu,
             );
             if emitted {
@@ -1005,12 +1034,7 @@ impl ProcessScraper {
                     return Outcome::Vanished;
                 }
                 let example = format!("pid {pid}: {}: {err}", $what);
-                ctx.errors.add(NAME, $reason, $muted, || example.clone());
-                noted.push(Noted {
-                    reason: $reason,
-                    muted: $muted,
-                    example: example.into(),
-                });
+                note(ctx, &mut noted, $reason, $muted, example);
             }};
         }
 
@@ -1128,10 +1152,7 @@ impl ProcessScraper {
             return Outcome::Skipped;
         }
 
-        let start_ns =
-            host.btime_ns + u128::from(stat.starttime) * 1_000_000_000 / u128::from(host.clk_tck);
-        let start = u64::try_from(start_ns).unwrap_or(u64::MAX);
-        let age = Duration::from_nanos(host.now.saturating_sub(start));
+        let (_, age) = host.start_and_age(stat.starttime);
         if !s.scrape_process_delay.is_zero() && age < s.scrape_process_delay {
             return Outcome::Skipped;
         }
@@ -1210,13 +1231,7 @@ impl ProcessScraper {
                 Ok(Some(io)) => Some(io),
                 Ok(None) => {
                     let example = format!("pid {pid}: io: no counters");
-                    ctx.errors
-                        .add(NAME, Reason::Io, s.mute_io, || example.clone());
-                    noted.push(Noted {
-                        reason: Reason::Io,
-                        muted: s.mute_io,
-                        example: example.into(),
-                    });
+                    note(ctx, &mut noted, Reason::Io, s.mute_io, example);
                     None
                 }
                 Err(err) => {
@@ -1269,17 +1284,20 @@ impl ProcessScraper {
             resource.rebuild(a, &inputs);
         }
         let values = StatValues::of(&stat);
+        let reading = Reading {
+            stat: &values,
+            memory,
+            io,
+            status,
+            fds,
+        };
         let emitted = write_process(
             out,
             host,
             m,
             &resource.bytes,
             &self.scope,
-            &values,
-            memory,
-            io,
-            status,
-            fds,
+            reading,
             &mut known.cpu,
         );
         if !emitted {
@@ -1350,26 +1368,34 @@ struct Memory {
     rss: u64,
 }
 
+/// What a process's metrics are written from, read in full or reused.
+struct Reading<'a> {
+    stat: &'a StatValues,
+    memory: Memory,
+    io: Option<procfs::PidIo>,
+    status: Option<procfs::PidStatus>,
+    fds: Option<u64>,
+}
+
 /// Writes one process's `ResourceMetrics` (its encoded `resource` and the enabled metrics);
 /// false, with nothing written, when no metric had a point.
-#[allow(clippy::too_many_arguments)]
 fn write_process(
     out: &mut RequestWriter,
     host: &Host,
     m: Metrics,
     resource: &[u8],
     scope: &[u8],
-    stat: &StatValues,
-    memory: Memory,
-    io: Option<procfs::PidIo>,
-    status: Option<procfs::PidStatus>,
-    fds: Option<u64>,
+    reading: Reading<'_>,
     cpu: &mut Option<CpuSample>,
 ) -> bool {
-    let start_ns =
-        host.btime_ns + u128::from(stat.starttime) * 1_000_000_000 / u128::from(host.clk_tck);
-    let start = u64::try_from(start_ns).unwrap_or(u64::MAX);
-    let age = Duration::from_nanos(host.now.saturating_sub(start));
+    let Reading {
+        stat,
+        memory,
+        io,
+        status,
+        fds,
+    } = reading;
+    let (start, age) = host.start_and_age(stat.starttime);
     let buf = out.buf();
     let rm_at = buf.len();
     let rm = encode::begin_wide(buf, 1);
