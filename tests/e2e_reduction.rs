@@ -141,8 +141,11 @@ async fn aggregate_state_survives_a_reload_of_its_pipeline_and_resets_when_its_c
     let agent = Agent::start(&config(&sink, "1s", false)).await;
     let mut client = grpc_client(&agent).await;
 
-    client.export(cpu(1, 10.0)).await.unwrap();
-    client.export(cpu(2, 20.0)).await.unwrap();
+    // One request, so both are in the output's first interval: a series first seen after the
+    // output was emitted would count from a baseline (its start predates the processor's).
+    let mut both = cpu(1, 10.0);
+    both.resource_metrics.extend(cpu(2, 20.0).resource_metrics);
+    client.export(both).await.unwrap();
     let start = wait_for_total(&sink, 30.0).await;
 
     // The pipeline gains a processor: it is rebuilt, the aggregate's config is unchanged.
