@@ -223,6 +223,9 @@ struct Known {
     clock: Option<(u64, Option<u64>)>,
     /// What the last full read found, while the process has not run since.
     steady: Option<Box<Steady>>,
+    /// `io` and the `exe` link refused, asked again only when due (see [`Refusal`]).
+    io_refused: Option<Refusal>,
+    exe_refused: Option<Refusal>,
 }
 
 impl Known {
@@ -236,7 +239,49 @@ impl Known {
             ppid: None,
             clock: None,
             steady: None,
+            io_refused: None,
+            exe_refused: None,
         }
+    }
+}
+
+/// Scrapes after which a refused file is asked for again although the process's owner and
+/// group are the same: credentials can change without changing them (capabilities dropped).
+pub(super) const ASK_REFUSED_AGAIN_AFTER: u64 = 10;
+
+/// A permission error reading `io` or the `exe` link. The kernel guards both with its ptrace
+/// check, so an agent without `CAP_SYS_PTRACE` is refused them for every process of another
+/// user, every scrape: the refusal is counted again from here instead, while it stands.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    /// Owner and group of `/proc/PID` when refused (of a non-dumpable process, root's): a
+    /// `setuid`, or an `exec` that changes credentials, changes them.
+    ids: (u32, u32),
+    errno: i32,
+    /// The scrape that was refused.
+    asked: u64,
+}
+
+impl Refusal {
+    /// `err`, if it is a refusal, to remember for a process owned by `ids`.
+    fn of(err: &io::Error, ids: Option<(u32, u32)>, generation: u64) -> Option<Self> {
+        let errno = err.raw_os_error()?;
+        let refused = errno == rustix::io::Errno::ACCESS.raw_os_error()
+            || errno == rustix::io::Errno::PERM.raw_os_error();
+        Some(Self {
+            ids: ids.filter(|_| refused)?,
+            errno,
+            asked: generation,
+        })
+    }
+
+    /// The error to count again, while the process has the owner and group it had and the
+    /// refusal is not due to be asked again.
+    fn standing(this: Option<Self>, ids: Option<(u32, u32)>, generation: u64) -> Option<io::Error> {
+        this.filter(|r| {
+            Some(r.ids) == ids && generation.wrapping_sub(r.asked) < ASK_REFUSED_AGAIN_AFTER
+        })
+        .map(|r| io::Error::from_raw_os_error(r.errno))
     }
 }
 
@@ -513,6 +558,11 @@ impl ProcFiles {
         ];
         1 + usize::from(self.fd.is_some()) + files.iter().filter(|f| f.is_some()).count()
     }
+}
+
+/// Owner and group of the process's directory.
+fn dir_ids(dir: &OwnedFd) -> Option<(u32, u32)> {
+    rustix::fs::fstat(dir).ok().map(|st| (st.st_uid, st.st_gid))
 }
 
 /// Reads `name` in the process's directory through the file kept in `slot`, opening it first
@@ -1011,7 +1061,10 @@ impl ProcessScraper {
             return outcome;
         }
         files.idle = false;
-        let last_ppid = self.known.get(&pid).and_then(|k| k.ppid);
+        let (last_ppid, remembers_refusal) = self.known.get(&pid).map_or((None, false), |k| {
+            let refused = k.io_refused.is_some() || k.exe_refused.is_some();
+            (k.ppid, refused)
+        });
         let parent_clock = match last_ppid.and_then(|p| u32::try_from(p).ok()) {
             Some(parent) if parent > 1 => self.clock(parent),
             _ => None,
@@ -1039,8 +1092,13 @@ impl ProcessScraper {
         }
 
         // The owner before `stat`: `fstat` of the directory of an exited process succeeds
-        // (as root's), and reading `stat` afterwards tells that it exited.
-        let owner_stat = a.owner.then(|| rustix::fs::fstat(&files.dir));
+        // (as root's), and reading `stat` afterwards tells that it exited. Also needed to
+        // tell whether a refusal still stands.
+        let dir_stat = (a.owner || remembers_refusal).then(|| rustix::fs::fstat(&files.dir));
+        let mut ids = match &dir_stat {
+            Some(Ok(st)) => Some((st.st_uid, st.st_gid)),
+            _ => None,
+        };
 
         let keep_stat = may_keep(files);
         let stat_bytes = match read_file(
@@ -1158,23 +1216,38 @@ impl ProcessScraper {
         }
 
         // The exe link is read when the process is first seen and again when its `comm`
-        // changes (an exec); a failed read is not kept, and is tried again next scrape.
+        // changes (an exec); a failed read is not kept, and is tried again next scrape,
+        // a refusal when due (`Refusal`).
         let wants_exe = a.executable_path && !no_mm;
         let exe_is_current = known
             .exe
             .as_ref()
             .is_some_and(|(comm, _)| **comm == *stat.comm);
         if wants_exe && !exe_is_current {
-            let buf = std::mem::take(&mut self.link);
-            match rustix::fs::readlinkat(&files.dir, "exe", buf) {
-                Ok(target) => {
-                    let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
-                    self.link = target.into_bytes();
-                    known.exe = Some((stat.comm.into(), exe));
-                }
-                Err(err) => {
-                    known.exe = None;
-                    gone_or!(io::Error::from(err), Reason::Exe, s.mute_exe, "exe");
+            if let Some(err) = Refusal::standing(known.exe_refused, ids, self.generation) {
+                note(
+                    ctx,
+                    &mut noted,
+                    Reason::Exe,
+                    s.mute_exe,
+                    format!("pid {pid}: exe: {err}"),
+                );
+            } else {
+                let buf = std::mem::take(&mut self.link);
+                match rustix::fs::readlinkat(&files.dir, "exe", buf) {
+                    Ok(target) => {
+                        let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
+                        self.link = target.into_bytes();
+                        known.exe = Some((stat.comm.into(), exe));
+                        known.exe_refused = None;
+                    }
+                    Err(err) => {
+                        let err = io::Error::from(err);
+                        known.exe = None;
+                        ids = ids.or_else(|| dir_ids(&files.dir));
+                        known.exe_refused = Refusal::of(&err, ids, self.generation);
+                        gone_or!(err, Reason::Exe, s.mute_exe, "exe");
+                    }
                 }
             }
         }
@@ -1187,7 +1260,7 @@ impl ProcessScraper {
         // The owner is the uid owning /proc/PID (`fstat`, which procfs answers from the
         // process's credentials of now), not `status`'s real uid: generating `status` costs
         // more than all the other files of a process together.
-        let owner_uid = match owner_stat {
+        let owner_uid = match dir_stat.filter(|_| a.owner) {
             Some(Ok(st)) => Some(st.st_uid),
             Some(Err(err)) => {
                 gone_or!(io::Error::from(err), Reason::User, s.mute_user, "owner");
@@ -1225,8 +1298,21 @@ impl ProcessScraper {
         });
 
         let io = if m.disk_io || m.disk_operations {
-            let keep = may_keep(files);
-            let read = read_file(&files.dir, &mut files.io, "io", keep, &mut self.io);
+            let read = match Refusal::standing(known.io_refused, ids, self.generation) {
+                Some(err) => Err(err),
+                None => {
+                    let keep = may_keep(files);
+                    let read = read_file(&files.dir, &mut files.io, "io", keep, &mut self.io);
+                    known.io_refused = match &read {
+                        Ok(_) => None,
+                        Err(err) => {
+                            ids = ids.or_else(|| dir_ids(&files.dir));
+                            Refusal::of(err, ids, self.generation)
+                        }
+                    };
+                    read
+                }
+            };
             match read.map(procfs::parse_pid_io) {
                 Ok(Some(io)) => Some(io),
                 Ok(None) => {

@@ -1359,3 +1359,65 @@ fn clocks_are_read_only_in_this_pid_namespaces_proc() {
     child.wait().unwrap();
     assert_eq!(procfs::process_cpu_ns(reaped), None);
 }
+
+#[test]
+fn a_refused_io_or_exe_is_counted_again_and_asked_again_when_due() {
+    use rustix::process::Uid;
+    use rustix::thread::set_thread_res_uid;
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: a thread takes uid nobody, so that root's processes refuse it"
+    );
+    // Runs between any two scrapes, so that each reads it in full (no idle reuse), under a
+    // name of its own, the only one scraped.
+    let mut runner = std::process::Command::new("perl")
+        .args([
+            "-e",
+            r#"$0 = "phxref-$$"; select(undef, undef, undef, 0.001) while 1"#,
+        ])
+        .spawn()
+        .expect("perl (Debian's essential perl-base) runs");
+    let _kill = KillOnDrop(runner.id());
+    let (pid, name) = (runner.id(), format!("phxref-{}", runner.id()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap() != format!("{name}\n") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "perl did not rename itself"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let include = format!("    include: {{ names: [{name}], match_type: strict }}\n");
+    let (mut scrapers, _) = real_scrapers(&include);
+    // Whether its io and exe were read, and the refusals counted.
+    let read = |scrapers: &mut Scrapers| {
+        std::thread::sleep(Duration::from_millis(20));
+        let output = scrapers.scrape(std::time::SystemTime::now());
+        let rm = by_pid(&output)[&i64::from(pid)].clone();
+        let io = values(&rm).keys().any(|k| k.starts_with("process.disk.io"));
+        let exe = resource_attr(&rm, "process.executable.path").is_some();
+        let errors = [Reason::Io, Reason::Exe].map(|r| output.errors.count("process", r));
+        (io, exe, errors)
+    };
+
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // Credentials are per thread: this one alone is nobody, without capabilities.
+                set_thread_res_uid(None, Uid::from_raw(65534), None).unwrap();
+                assert_eq!(read(&mut scrapers), (false, false, [1, 1]), "refused");
+                // Root again: readable now, but the refusal stands (the process's owner
+                // is the same) until it is due to be asked again.
+                set_thread_res_uid(None, Uid::ROOT, None).unwrap();
+                for scrape in 1..process::ASK_REFUSED_AGAIN_AFTER {
+                    let standing = read(&mut scrapers);
+                    assert_eq!(standing, (false, false, [1, 1]), "scrape {scrape}");
+                }
+                assert_eq!(read(&mut scrapers), (true, true, [0, 0]), "asked again");
+            })
+            .join()
+            .unwrap();
+    });
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+}
