@@ -60,24 +60,31 @@ pub fn agent_bin() -> PathBuf {
         .clone()
 }
 
-/// A free loopback port (the OS picks; the tiny window before the agent binds is accepted).
+/// A free loopback port, not handed out before by this test binary (see [`free_ports`]).
 pub fn free_port() -> u16 {
     let [port] = free_ports();
     port
 }
 
-/// `N` distinct free loopback ports: all are held until all are picked, since a port picked
-/// and released can be picked again by the next call.
+/// `N` free loopback ports, none handed out before by this test binary: its tests run in
+/// parallel, and a port picked and released could otherwise be picked again by another test
+/// before the first one's agent binds it. All are held until all are picked.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("no free port"))
-        .collect();
-    std::array::from_fn(|i| {
-        listeners[i]
-            .local_addr()
-            .map(|a| a.port())
-            .expect("no free port")
-    })
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    // A port handed out before stays held as well, so the OS picks another.
+    let mut held = Vec::new();
+    let mut picked = Vec::with_capacity(N);
+    while picked.len() < N {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("no free port");
+        let port = listener.local_addr().expect("no free port").port();
+        if handed_out.insert(port) {
+            picked.push(port);
+        }
+        held.push(listener);
+    }
+    std::array::from_fn(|i| picked[i])
 }
 
 /// A child process (a peer such as Prometheus or a Python client) killed and reaped when
