@@ -118,16 +118,21 @@ fn only(name: &str, scrapers: &mut Scrapers) {
     scrapers.scrape(SystemTime::now());
     eprintln!("hostmetrics/{name}: scraping for 8 s, {pause:?} apart");
     let started = Instant::now();
-    let (mut runs, mut cpu_ns, mut idle) = (0u64, 0u64, 0u64);
+    let (mut runs, mut cpu_ns, mut idle, mut allocations) = (0u64, 0u64, 0u64, 0u64);
     while again(started, runs, pause) {
+        let region = stats_alloc::Region::new(GLOBAL);
         let before = thread_cpu_ns();
-        idle = std::hint::black_box(scrapers.scrape(SystemTime::now())).idle_processes;
+        let output = std::hint::black_box(scrapers.scrape(SystemTime::now()));
         cpu_ns += thread_cpu_ns() - before;
+        idle = output.idle_processes;
+        drop(output);
+        allocations += region.change().allocations as u64;
         runs += 1;
     }
     eprintln!(
-        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms; {idle} processes idle in the last",
-        cpu_ns as f64 / runs.max(1) as f64 / 1e6
+        "hostmetrics/{name}: {runs} scrapes, CPU per scrape {:.3} ms; {idle} processes idle in the last; {} allocations per scrape",
+        cpu_ns as f64 / runs.max(1) as f64 / 1e6,
+        allocations / runs.max(1)
     );
 }
 
