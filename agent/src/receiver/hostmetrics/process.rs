@@ -45,6 +45,9 @@ use crate::config::{self, Issue};
 
 const NAME: &str = "process";
 
+/// The longest `exe` link procfs answers: a page (`PATH_MAX`).
+const EXE_LINK_MAX: usize = 4096;
+
 /// The kernel truncates a command name (`comm`) to this many bytes.
 const COMM_MAX: usize = 15;
 
@@ -333,7 +336,7 @@ struct Steady {
     /// Filtered out by `include`/`exclude`: nothing is written.
     filtered_out: bool,
     /// The errors the read counted, counted again each time it is reused.
-    noted: Box<[Noted]>,
+    noted: Vec<Noted>,
 }
 
 /// `steady` boxed, in `spare`'s allocation when there is one.
@@ -348,28 +351,51 @@ fn boxed(steady: Option<Steady>, spare: Option<Box<Steady>>) -> Option<Box<Stead
     })
 }
 
-/// Counts an error of a full read, and keeps it in `noted` to count again on reuse.
-fn note(
-    ctx: &mut ScrapeContext<'_>,
-    noted: &mut Vec<Noted>,
-    reason: Reason,
-    muted: bool,
-    example: String,
-) {
-    ctx.errors.add(NAME, reason, muted, || example.clone());
-    noted.push(Noted {
-        reason,
-        muted,
-        example: example.into(),
-    });
+/// Counts an error of a full read of process `pid`, and keeps it in `noted` to count again
+/// on reuse.
+fn note(ctx: &mut ScrapeContext<'_>, noted: &mut Vec<Noted>, pid: u32, error: Noted) {
+    ctx.errors
+        .add(NAME, error.reason, error.muted, || error.example(pid));
+    noted.push(error);
 }
 
-/// An error a full read counted (see [`Steady::noted`]).
-#[derive(Debug)]
+/// An error a full read counted (see [`Steady::noted`]). Its log line is made only when
+/// logged: an agent without `CAP_SYS_PTRACE` counts one or two for most processes every
+/// scrape.
+#[derive(Debug, Clone, Copy)]
 struct Noted {
     reason: Reason,
     muted: bool,
-    example: Box<str>,
+    /// The file.
+    what: &'static str,
+    cause: Cause,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Cause {
+    Os(i32),
+    Kind(io::ErrorKind),
+    Text(&'static str),
+}
+
+impl Cause {
+    fn of(err: &io::Error) -> Self {
+        err.raw_os_error().map_or(Self::Kind(err.kind()), Self::Os)
+    }
+}
+
+impl Noted {
+    fn example(&self, pid: u32) -> String {
+        let what = self.what;
+        match self.cause {
+            Cause::Os(errno) => {
+                let err = io::Error::from_raw_os_error(errno);
+                format!("pid {pid}: {what}: {err}")
+            }
+            Cause::Kind(kind) => format!("pid {pid}: {what}: {}", io::Error::from(kind)),
+            Cause::Text(text) => format!("pid {pid}: {what}: {text}"),
+        }
+    }
 }
 
 /// A process's `Resource`, encoded, and the values it was built from (besides the PID, which
@@ -632,8 +658,9 @@ pub struct ProcessScraper {
     /// Processes' CPU clocks can be read by the PIDs listed in `proc_dir`, which tell which
     /// processes ran since the last scrape ([`Self::read_idle`]).
     clocks: bool,
-    /// Reused for `readlinkat` of `exe`.
-    link: Vec<u8>,
+    /// Reused for `readlinkat` of `exe`: procfs fails a link longer than a page
+    /// (`ENAMETOOLONG`), so a target never fills it.
+    link: Box<[u8]>,
     /// Field 1 (`scope`) of a `ScopeMetrics`, encoded once; each process's gets a copy.
     scope: Vec<u8>,
     users: Users,
@@ -664,7 +691,7 @@ impl ProcessScraper {
             cmdline: FileBuf::default(),
             io: FileBuf::default(),
             clocks: procfs::is_own_pid_namespace(proc_dir),
-            link: Vec::new(),
+            link: vec![0; EXE_LINK_MAX + 1].into_boxed_slice(),
             scope: encoded_scope(),
             users: Users::new(root),
             known: AHashMap::new(),
@@ -1036,10 +1063,9 @@ impl ProcessScraper {
             }
             ctx.idle_processes += 1;
         }
-        for noted in steady.noted.iter() {
-            ctx.errors.add(NAME, noted.reason, noted.muted, || {
-                noted.example.to_string()
-            });
+        for noted in &steady.noted {
+            ctx.errors
+                .add(NAME, noted.reason, noted.muted, || noted.example(pid));
         }
         known.generation = self.generation;
         files.idle = true;
@@ -1076,7 +1102,8 @@ impl ProcessScraper {
         // Descriptors this process may keep: what the others leave of the budget.
         let room = self.max_open_files.saturating_sub(self.open_files);
         let may_keep = |files: &ProcFiles| files.keep && files.count() < room;
-        // Errors counted by this read, to count again while it is reused (`read_idle`).
+        // Errors counted by this read, to count again while it is reused (`read_idle`), in
+        // the last read's vector once it is at hand.
         let mut noted: Vec<Noted> = Vec::new();
         macro_rules! gone_or {
             ($err:expr, $reason:expr, $muted:expr, $what:expr) => {{
@@ -1086,8 +1113,13 @@ impl ProcessScraper {
                         .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
                     return Outcome::Vanished;
                 }
-                let example = format!("pid {pid}: {}: {err}", $what);
-                note(ctx, &mut noted, $reason, $muted, example);
+                let error = Noted {
+                    reason: $reason,
+                    muted: $muted,
+                    what: $what,
+                    cause: Cause::of(&err),
+                };
+                note(ctx, &mut noted, pid, error);
             }};
         }
 
@@ -1156,7 +1188,11 @@ impl ProcessScraper {
         known.ppid = Some(stat.ppid);
         // Its allocation is reused, so that reading a process that keeps running allocates
         // nothing.
-        let spare = known.steady.take();
+        let mut spare = known.steady.take();
+        if let Some(spare) = spare.as_mut() {
+            noted = std::mem::take(&mut spare.noted);
+            noted.clear();
+        }
         // Reusable while neither clock moves; the parent's only if it was read before
         // `stat`, so that an exit after it shows as a change.
         let mut steady = own_clock.map(|clock_ns| Steady {
@@ -1168,7 +1204,7 @@ impl ProcessScraper {
             io: None,
             owner_uid: None,
             filtered_out: false,
-            noted: Box::default(),
+            noted: Vec::new(),
         });
 
         // Kernel threads and zombies have no memory of their own: no executable (that is
@@ -1203,7 +1239,7 @@ impl ProcessScraper {
         {
             let steady = steady.map(|steady| Steady {
                 filtered_out: true,
-                noted: noted.into(),
+                noted,
                 ..steady
             });
             known.steady = boxed(steady, spare);
@@ -1225,19 +1261,18 @@ impl ProcessScraper {
             .is_some_and(|(comm, _)| **comm == *stat.comm);
         if wants_exe && !exe_is_current {
             if let Some(err) = Refusal::standing(known.exe_refused, ids, self.generation) {
-                note(
-                    ctx,
-                    &mut noted,
-                    Reason::Exe,
-                    s.mute_exe,
-                    format!("pid {pid}: exe: {err}"),
-                );
+                let error = Noted {
+                    reason: Reason::Exe,
+                    muted: s.mute_exe,
+                    what: "exe",
+                    cause: Cause::of(&err),
+                };
+                note(ctx, &mut noted, pid, error);
             } else {
-                let buf = std::mem::take(&mut self.link);
-                match rustix::fs::readlinkat(&files.dir, "exe", buf) {
-                    Ok(target) => {
-                        let exe = String::from_utf8_lossy(target.as_bytes()).into_owned();
-                        self.link = target.into_bytes();
+                match rustix::fs::readlinkat_raw(&files.dir, "exe", &mut self.link[..]) {
+                    Ok(len) => {
+                        let target = self.link.get(..len).unwrap_or_default();
+                        let exe = String::from_utf8_lossy(target).into_owned();
                         known.exe = Some((stat.comm.into(), exe));
                         known.exe_refused = None;
                     }
@@ -1316,8 +1351,13 @@ impl ProcessScraper {
             match read.map(procfs::parse_pid_io) {
                 Ok(Some(io)) => Some(io),
                 Ok(None) => {
-                    let example = format!("pid {pid}: io: no counters");
-                    note(ctx, &mut noted, Reason::Io, s.mute_io, example);
+                    let error = Noted {
+                        reason: Reason::Io,
+                        muted: s.mute_io,
+                        what: "io",
+                        cause: Cause::Text("no counters"),
+                    };
+                    note(ctx, &mut noted, pid, error);
                     None
                 }
                 Err(err) => {
@@ -1393,7 +1433,7 @@ impl ProcessScraper {
         let steady = steady.map(|steady| Steady {
             io,
             owner_uid,
-            noted: noted.into(),
+            noted,
             ..steady
         });
         known.steady = boxed(steady, spare);
