@@ -1362,8 +1362,6 @@ fn clocks_are_read_only_in_this_pid_namespaces_proc() {
 
 #[test]
 fn a_refused_io_or_exe_is_counted_again_and_asked_again_when_due() {
-    use rustix::process::Uid;
-    use rustix::thread::set_thread_res_uid;
     assert!(
         rustix::process::geteuid().is_root(),
         "needs root: a thread takes uid nobody, so that root's processes refuse it"
@@ -1387,8 +1385,25 @@ fn a_refused_io_or_exe_is_counted_again_and_asked_again_when_due() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let include = format!("    include: {{ names: [{name}], match_type: strict }}\n");
-    let (mut scrapers, _) = real_scrapers(&include);
+    // With the owner attribute off, the owner is read only to tell whether a refusal stands.
+    for owner in [
+        "",
+        "    resource_attributes: { process.owner: { enabled: false } }\n",
+    ] {
+        let include = format!("    include: {{ names: [{name}], match_type: strict }}\n{owner}");
+        let (mut scrapers, _) = real_scrapers(&include);
+        refused_then_asked_again(pid, &mut scrapers);
+    }
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+}
+
+/// Scrapes running process `pid` of root's, which `scrapers` alone reads: refused as nobody,
+/// then counted as refused again without asking while the refusal stands, then read when
+/// asked again.
+fn refused_then_asked_again(pid: u32, scrapers: &mut Scrapers) {
+    use rustix::process::Uid;
+    use rustix::thread::set_thread_res_uid;
     // Whether its io and exe were read, and the refusals counted.
     let read = |scrapers: &mut Scrapers| {
         std::thread::sleep(Duration::from_millis(20));
@@ -1405,19 +1420,17 @@ fn a_refused_io_or_exe_is_counted_again_and_asked_again_when_due() {
             .spawn(|| {
                 // Credentials are per thread: this one alone is nobody, without capabilities.
                 set_thread_res_uid(None, Uid::from_raw(65534), None).unwrap();
-                assert_eq!(read(&mut scrapers), (false, false, [1, 1]), "refused");
+                assert_eq!(read(scrapers), (false, false, [1, 1]), "refused");
                 // Root again: readable now, but the refusal stands (the process's owner
                 // is the same) until it is due to be asked again.
                 set_thread_res_uid(None, Uid::ROOT, None).unwrap();
                 for scrape in 1..process::ASK_REFUSED_AGAIN_AFTER {
-                    let standing = read(&mut scrapers);
+                    let standing = read(scrapers);
                     assert_eq!(standing, (false, false, [1, 1]), "scrape {scrape}");
                 }
-                assert_eq!(read(&mut scrapers), (true, true, [0, 0]), "asked again");
+                assert_eq!(read(scrapers), (true, true, [0, 0]), "asked again");
             })
             .join()
             .unwrap();
     });
-    runner.kill().unwrap();
-    runner.wait().unwrap();
 }
