@@ -1261,13 +1261,7 @@ impl ProcessScraper {
             .is_some_and(|(comm, _)| **comm == *stat.comm);
         if wants_exe && !exe_is_current {
             if let Some(err) = Refusal::standing(known.exe_refused, ids, self.generation) {
-                let error = Noted {
-                    reason: Reason::Exe,
-                    muted: s.mute_exe,
-                    what: "exe",
-                    cause: Cause::of(&err),
-                };
-                note(ctx, &mut noted, pid, error);
+                gone_or!(err, Reason::Exe, s.mute_exe, "exe");
             } else {
                 match rustix::fs::readlinkat_raw(&files.dir, "exe", &mut self.link[..]) {
                     Ok(len) => {
