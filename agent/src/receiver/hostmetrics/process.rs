@@ -384,17 +384,19 @@ impl Cause {
     }
 }
 
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Os(errno) => io::Error::from_raw_os_error(errno).fmt(f),
+            Self::Kind(kind) => io::Error::from(kind).fmt(f),
+            Self::Text(text) => f.write_str(text),
+        }
+    }
+}
+
 impl Noted {
     fn example(&self, pid: u32) -> String {
-        let what = self.what;
-        match self.cause {
-            Cause::Os(errno) => {
-                let err = io::Error::from_raw_os_error(errno);
-                format!("pid {pid}: {what}: {err}")
-            }
-            Cause::Kind(kind) => format!("pid {pid}: {what}: {}", io::Error::from(kind)),
-            Cause::Text(text) => format!("pid {pid}: {what}: {text}"),
-        }
+        format!("pid {pid}: {}: {}", self.what, self.cause)
     }
 }
 
@@ -584,6 +586,13 @@ impl ProcFiles {
         ];
         1 + usize::from(self.fd.is_some()) + files.iter().filter(|f| f.is_some()).count()
     }
+}
+
+/// Counts a process whose owner has no name: its uid is not in the passwd file.
+fn count_unknown_owner(ctx: &mut ScrapeContext<'_>, pid: u32, uid: u32, muted: bool) {
+    ctx.errors.add(NAME, Reason::User, muted, || {
+        format!("pid {pid}: uid {uid} is not in the passwd file")
+    });
 }
 
 /// Owner and group of the process's directory.
@@ -1011,7 +1020,7 @@ impl ProcessScraper {
         let known = self.known.get_mut(&pid)?;
         let steady = known.steady.as_deref()?;
         let mut outcome = Outcome::Skipped;
-        if let Some((size, resident)) = statm {
+        if let Some(pages) = statm {
             let resource = known.resource.as_deref()?;
             let owner = steady
                 .owner_uid
@@ -1034,17 +1043,11 @@ impl ProcessScraper {
                 return Some(Outcome::Stale);
             };
             if let (Some(uid), None) = (steady.owner_uid, owner) {
-                ctx.errors.add(NAME, Reason::User, s.mute_user, || {
-                    format!("pid {pid}: uid {uid} is not in the passwd file")
-                });
+                count_unknown_owner(ctx, pid, uid, s.mute_user);
             }
-            let memory = Memory {
-                vsize: size.saturating_mul(host.page_size),
-                rss: resident.saturating_mul(host.page_size),
-            };
             let reading = Reading {
                 stat: &steady.values,
-                memory,
+                memory: Memory::of_pages(pages, host.page_size),
                 io: steady.io,
                 status,
                 fds,
@@ -1193,6 +1196,7 @@ impl ProcessScraper {
             noted = std::mem::take(&mut spare.noted);
             noted.clear();
         }
+        let values = StatValues::of(&stat);
         // Reusable while neither clock moves; the parent's only if it was read before
         // `stat`, so that an exit after it shows as a change.
         let mut steady = own_clock.map(|clock_ns| Steady {
@@ -1200,7 +1204,7 @@ impl ProcessScraper {
             parent_clock_ns: parent_clock,
             ppid: stat.ppid,
             kthread: stat.flags & procfs::PF_KTHREAD != 0,
-            values: StatValues::of(&stat),
+            values,
             io: None,
             owner_uid: None,
             filtered_out: false,
@@ -1319,9 +1323,7 @@ impl ProcessScraper {
         let owner = owner_uid.and_then(|uid| {
             let name = self.users.names.get(&uid).map(String::as_str);
             if name.is_none() {
-                ctx.errors.add(NAME, Reason::User, s.mute_user, || {
-                    format!("pid {pid}: uid {uid} is not in the passwd file")
-                });
+                count_unknown_owner(ctx, pid, uid, s.mute_user);
             }
             name
         });
@@ -1372,18 +1374,14 @@ impl ProcessScraper {
             let keep = may_keep(files);
             let read = read_file(&files.dir, &mut files.statm, "statm", keep, &mut self.statm);
             match read.map(procfs::parse_statm) {
-                Ok(Some((size, resident))) => {
-                    memory = Memory {
-                        vsize: size.saturating_mul(host.page_size),
-                        rss: resident.saturating_mul(host.page_size),
-                    };
-                }
+                Ok(Some(pages)) => memory = Memory::of_pages(pages, host.page_size),
                 Err(err) if procfs::is_gone(&err) => {
                     ctx.errors
                         .add(NAME, Reason::Vanished, true, || format!("pid {pid}: {err}"));
                     return Outcome::Vanished;
                 }
-                // Readable with `stat`, so not expected; `stat` has the same counters.
+                // Readable with `stat`, so not expected; `stat` has the same counters, its
+                // resident set approximate.
                 _ => steady = None,
             }
         }
@@ -1403,7 +1401,6 @@ impl ProcessScraper {
         if resource.bytes.is_empty() || !resource.matches(&inputs) {
             resource.rebuild(a, &inputs);
         }
-        let values = StatValues::of(&stat);
         let reading = Reading {
             stat: &values,
             memory,
@@ -1486,6 +1483,16 @@ fn read_unsettled(
 struct Memory {
     vsize: u64,
     rss: u64,
+}
+
+impl Memory {
+    /// From `statm`'s size and resident set, in pages.
+    fn of_pages((size, resident): (u64, u64), page_size: u64) -> Self {
+        Self {
+            vsize: size.saturating_mul(page_size),
+            rss: resident.saturating_mul(page_size),
+        }
+    }
 }
 
 /// What a process's metrics are written from, read in full or reused.

@@ -386,8 +386,9 @@ pub fn is_own_pid_namespace(proc_dir: &Path) -> bool {
     pids.next().and_then(parse_u64) == Some(own) && pids.next().is_none()
 }
 
-/// Size and resident set of a process in pages, from `/proc/PID/statm`: the same counters
-/// as `stat`'s `vsize` (in bytes there) and `rss`, at a quarter of `stat`'s cost to generate.
+/// Size and resident set of a process in pages, from `/proc/PID/statm`, at a quarter of
+/// `stat`'s cost to generate: the size is `stat`'s `vsize` (in bytes there); the resident
+/// set is what gopsutil reports, where `stat`'s `rss` can be the kernel's approximate count.
 pub fn parse_statm(bytes: &[u8]) -> Option<(u64, u64)> {
     let mut fields = fields(bytes);
     let size = parse_u64(fields.next()?)?;
