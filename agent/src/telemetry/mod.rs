@@ -41,7 +41,7 @@ metric_defs! {
     RECEIVER_REQUESTS = "phoenix_receiver_requests_total", Counter, Count, ["receiver", "transport", "outcome"],
         "Export requests handled by a receiver, by outcome (accepted, refused).";
     RECEIVER_SCRAPE_ERRORS = "phoenix_receiver_scrape_errors_total", Counter, Count, ["receiver", "scraper", "reason"],
-        "What a hostmetrics scrape skipped: reason=vanished (a process exited while being read; skipped), name (its stat unreadable; skipped), exe, io, user, status, fd (one attribute or metric left out, usually for lack of CAP_SYS_PTRACE), read (a host-wide file unreadable). Counted even when a mute_process_*_error option silences the log.";
+        "What a hostmetrics scrape skipped: reason=vanished (a process exited while being read; skipped), name (its stat unreadable; skipped), exe, io, user, status, fd (one attribute or metric left out, usually for lack of CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH), read (a host-wide file unreadable). Counted even when a mute_process_*_error option silences the log.";
     RECEIVER_SCRAPE_DURATION = "phoenix_receiver_scrape_duration_seconds", Gauge, Seconds, ["receiver"],
         "Wall time of a hostmetrics receiver's last scrape (reading /proc and building the request).";
     RECEIVER_SCRAPE_OPEN_FILES = "phoenix_receiver_scrape_open_files", Gauge, Count, ["receiver"],

@@ -6,7 +6,8 @@
 //! from offset 0 (up to `max_open_files`; beyond it, open/read/close): opening a `/proc` file
 //! costs more than generating its content. A process that exits between listing and reading
 //! is skipped and counted (`reason="vanished"`); a file the agent may not read (another user's
-//! `io` or `exe` without `CAP_SYS_PTRACE`) leaves out only what comes from it, also counted.
+//! `io`, `exe` or `fd/` without `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH`) leaves out only
+//! what comes from it, also counted.
 //!
 //! A process that has not run since its last full read is written from that read, with only
 //! its memory (`statm`) read again: its CPU clock, read by PID, tells whether any of its
@@ -226,9 +227,11 @@ struct Known {
     clock: Option<(u64, Option<u64>)>,
     /// What the last full read found, while the process has not run since.
     steady: Option<Box<Steady>>,
-    /// `io` and the `exe` link refused, asked again only when due (see [`Refusal`]).
+    /// `io`, the `exe` link and the `fd` directory refused, asked again only when due (see
+    /// [`Refusal`]).
     io_refused: Option<Refusal>,
     exe_refused: Option<Refusal>,
+    fd_refused: Option<Refusal>,
 }
 
 impl Known {
@@ -244,48 +247,78 @@ impl Known {
             steady: None,
             io_refused: None,
             exe_refused: None,
+            fd_refused: None,
         }
     }
 }
 
 /// Scrapes after which a refused file is asked for again although the process's owner and
 /// group are the same: credentials can change without changing them (capabilities dropped).
+/// The least of [`refusal_stands_for`].
 pub(super) const ASK_REFUSED_AGAIN_AFTER: u64 = 10;
 
-/// A permission error reading `io` or the `exe` link. The kernel guards both with its ptrace
-/// check, so an agent without `CAP_SYS_PTRACE` is refused them for every process of another
-/// user, every scrape: the refusal is counted again from here instead, while it stands.
+/// Scrapes a refusal of process `pid` stands, owner and group the same: 10 to 19, by PID, so
+/// that the refusals of one scrape (at start, all of them) are not all asked again in one
+/// later scrape.
+pub(super) fn refusal_stands_for(pid: u32) -> u64 {
+    ASK_REFUSED_AGAIN_AFTER + u64::from(pid) % ASK_REFUSED_AGAIN_AFTER
+}
+
+/// A permission error reading `io`, the `exe` link or the `fd` directory. The kernel guards
+/// `exe` with its ptrace check, `fd` with its mode (0500, the process's owner) and `io` with
+/// both, so an agent without `CAP_SYS_PTRACE` and `CAP_DAC_READ_SEARCH` is refused them for
+/// every process of another user, every scrape: the refusal is counted again from here
+/// instead, while it stands.
 #[derive(Debug, Clone, Copy)]
 struct Refusal {
     /// Owner and group of `/proc/PID` when refused (of a non-dumpable process, root's): a
     /// `setuid`, or an `exec` that changes credentials, changes them.
     ids: (u32, u32),
     errno: i32,
-    /// The scrape that was refused.
-    asked: u64,
+    /// The scrape from which it is asked again.
+    due: u64,
 }
 
 impl Refusal {
-    /// `err`, if it is a refusal, to remember for a process owned by `ids`.
-    fn of(err: &io::Error, ids: Option<(u32, u32)>, generation: u64) -> Option<Self> {
+    /// `err`, if it is a refusal, to remember for process `pid` owned by `ids`.
+    fn of(err: &io::Error, pid: u32, ids: Option<(u32, u32)>, generation: u64) -> Option<Self> {
         let errno = err.raw_os_error()?;
         let refused = errno == rustix::io::Errno::ACCESS.raw_os_error()
             || errno == rustix::io::Errno::PERM.raw_os_error();
         Some(Self {
             ids: ids.filter(|_| refused)?,
             errno,
-            asked: generation,
+            due: generation.saturating_add(refusal_stands_for(pid)),
         })
     }
 
     /// The error to count again, while the process has the owner and group it had and the
     /// refusal is not due to be asked again.
     fn standing(this: Option<Self>, ids: Option<(u32, u32)>, generation: u64) -> Option<io::Error> {
-        this.filter(|r| {
-            Some(r.ids) == ids && generation.wrapping_sub(r.asked) < ASK_REFUSED_AGAIN_AFTER
-        })
-        .map(|r| io::Error::from_raw_os_error(r.errno))
+        this.filter(|r| Some(r.ids) == ids && generation < r.due)
+            .map(|r| r.error())
     }
+
+    fn error(self) -> io::Error {
+        io::Error::from_raw_os_error(self.errno)
+    }
+}
+
+/// Where [`read_unsettled`] finds and remembers a refusal of the `fd` directory.
+struct FdRefusal<'a> {
+    remembered: &'a mut Option<Refusal>,
+    /// Counted again without asking: [`Refusal::standing`] on a full read; on a reuse, any
+    /// remembered one (a process that did not run has not changed its credentials).
+    stands: bool,
+    /// Owner and group of `/proc/PID`, if read already.
+    ids: Option<(u32, u32)>,
+}
+
+/// Buffers of one scraper, for what [`read_unsettled`] reads.
+struct UnsettledBufs {
+    status: FileBuf,
+    /// The `getdents` buffer for the `fd` directory, and for listing `<proc>`.
+    dirents: Vec<MaybeUninit<u8>>,
 }
 
 /// The values of `/proc/PID/stat` a process's metrics are written from (its memory is read
@@ -360,8 +393,7 @@ fn note(ctx: &mut ScrapeContext<'_>, noted: &mut Vec<Noted>, pid: u32, error: No
 }
 
 /// An error a full read counted (see [`Steady::noted`]). Its log line is made only when
-/// logged: an agent without `CAP_SYS_PTRACE` counts one or two for most processes every
-/// scrape.
+/// logged: an agent without capabilities counts one or two for most processes every scrape.
 #[derive(Debug, Clone, Copy)]
 struct Noted {
     reason: Reason,
@@ -661,7 +693,6 @@ pub struct ProcessScraper {
     path: procfs::PathBuf,
     stat: FileBuf,
     statm: FileBuf,
-    status: FileBuf,
     cmdline: FileBuf,
     io: FileBuf,
     /// Processes' CPU clocks can be read by the PIDs listed in `proc_dir`, which tell which
@@ -680,9 +711,8 @@ pub struct ProcessScraper {
     files: AHashMap<u32, ProcFiles>,
     open_files: usize,
     max_open_files: usize,
-    /// The `getdents` buffer for listing `<proc>` (and each process's `fd`), and the PIDs
-    /// and inodes listed.
-    dirents: Vec<MaybeUninit<u8>>,
+    unsettled: UnsettledBufs,
+    /// The PIDs and inodes listed.
     listed: Vec<(u32, u64)>,
 }
 
@@ -696,7 +726,6 @@ impl ProcessScraper {
             path: procfs::PathBuf::new(proc_dir),
             stat: FileBuf::default(),
             statm: FileBuf::default(),
-            status: FileBuf::default(),
             cmdline: FileBuf::default(),
             io: FileBuf::default(),
             clocks: procfs::is_own_pid_namespace(proc_dir),
@@ -708,7 +737,10 @@ impl ProcessScraper {
             files: AHashMap::new(),
             open_files: 0,
             max_open_files,
-            dirents: vec![MaybeUninit::uninit(); 32 * 1024],
+            unsettled: UnsettledBufs {
+                status: FileBuf::default(),
+                dirents: vec![MaybeUninit::uninit(); 32 * 1024],
+            },
             listed: Vec::new(),
         }
     }
@@ -720,7 +752,7 @@ impl ProcessScraper {
         self.listed.clear();
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let fd = rustix::fs::open(&self.proc_dir, flags, Mode::empty())?;
-        let mut dir = rustix::fs::RawDir::new(&fd, &mut self.dirents);
+        let mut dir = rustix::fs::RawDir::new(&fd, &mut self.unsettled.dirents);
         while let Some(entry) = dir.next() {
             let entry = entry?;
             let pid = procfs::parse_u64(entry.file_name().to_bytes())
@@ -844,7 +876,7 @@ impl Scraper for ProcessScraper {
             let reads = [
                 (&files.stat, &mut self.stat, full),
                 (&files.cmdline, &mut self.cmdline, full),
-                (&files.status, &mut self.status, true),
+                (&files.status, &mut self.unsettled.status, true),
                 (&files.io, &mut self.io, full),
                 (&files.statm, &mut self.statm, true),
             ];
@@ -855,7 +887,7 @@ impl Scraper for ProcessScraper {
             }
             if let Some(fd) = &files.fd {
                 let _ = rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(0));
-                let mut entries = rustix::fs::RawDir::new(fd, &mut self.dirents);
+                let mut entries = rustix::fs::RawDir::new(fd, &mut self.unsettled.dirents);
                 while let Some(Ok(_)) = entries.next() {}
             }
         }
@@ -1029,15 +1061,13 @@ impl ProcessScraper {
                 // The passwd file changed the owner's name: build the resource afresh.
                 return None;
             }
-            let unsettled = read_unsettled(
-                pid,
-                m,
-                files,
-                room,
-                &mut self.status,
-                &mut self.dirents,
-                ctx,
-            );
+            let fd_refusal = FdRefusal {
+                stands: known.fd_refused.is_some(),
+                remembered: &mut known.fd_refused,
+                ids: None,
+            };
+            let unsettled =
+                read_unsettled(pid, m, files, room, &mut self.unsettled, fd_refusal, ctx);
             let Ok((status, fds)) = unsettled else {
                 // Gone since its files were kept: read afresh, as the full read would.
                 return Some(Outcome::Stale);
@@ -1091,7 +1121,9 @@ impl ProcessScraper {
         }
         files.idle = false;
         let (last_ppid, remembers_refusal) = self.known.get(&pid).map_or((None, false), |k| {
-            let refused = k.io_refused.is_some() || k.exe_refused.is_some();
+            let refused = [k.io_refused, k.exe_refused, k.fd_refused]
+                .iter()
+                .any(Option::is_some);
             (k.ppid, refused)
         });
         let parent_clock = match last_ppid.and_then(|p| u32::try_from(p).ok()) {
@@ -1278,7 +1310,7 @@ impl ProcessScraper {
                         let err = io::Error::from(err);
                         known.exe = None;
                         ids = ids.or_else(|| dir_ids(&files.dir));
-                        known.exe_refused = Refusal::of(&err, ids, self.generation);
+                        known.exe_refused = Refusal::of(&err, pid, ids, self.generation);
                         gone_or!(err, Reason::Exe, s.mute_exe, "exe");
                     }
                 }
@@ -1303,15 +1335,12 @@ impl ProcessScraper {
         };
 
         // Not kept for reuse: `read_idle` reads them too.
-        let unsettled = read_unsettled(
-            pid,
-            m,
-            files,
-            room,
-            &mut self.status,
-            &mut self.dirents,
-            ctx,
-        );
+        let fd_refusal = FdRefusal {
+            stands: Refusal::standing(known.fd_refused, ids, self.generation).is_some(),
+            remembered: &mut known.fd_refused,
+            ids,
+        };
+        let unsettled = read_unsettled(pid, m, files, room, &mut self.unsettled, fd_refusal, ctx);
         let (status, fds) = match unsettled {
             Ok(read) => read,
             Err(err) => {
@@ -1338,7 +1367,7 @@ impl ProcessScraper {
                         Ok(_) => None,
                         Err(err) => {
                             ids = ids.or_else(|| dir_ids(&files.dir));
-                            Refusal::of(err, ids, self.generation)
+                            Refusal::of(err, pid, ids, self.generation)
                         }
                     };
                     read
@@ -1441,14 +1470,20 @@ fn read_unsettled(
     m: Metrics,
     files: &mut ProcFiles,
     room: usize,
-    status_buf: &mut FileBuf,
-    dirents: &mut [MaybeUninit<u8>],
+    bufs: &mut UnsettledBufs,
+    fd_refusal: FdRefusal<'_>,
     ctx: &mut ScrapeContext<'_>,
 ) -> io::Result<(Option<procfs::PidStatus>, Option<u64>)> {
     let may_keep = |files: &ProcFiles| files.keep && files.count() < room;
     let status = if m.context_switches || m.signals_pending {
         let keep = may_keep(files);
-        match read_file(&files.dir, &mut files.status, "status", keep, status_buf) {
+        match read_file(
+            &files.dir,
+            &mut files.status,
+            "status",
+            keep,
+            &mut bufs.status,
+        ) {
             Ok(bytes) => Some(procfs::parse_pid_status(bytes)),
             Err(err) if procfs::is_gone(&err) => return Err(err),
             Err(err) => {
@@ -1462,8 +1497,23 @@ fn read_unsettled(
         None
     };
     let fds = if m.open_file_descriptors {
-        let keep = may_keep(files);
-        match count_fds(&files.dir, &mut files.fd, keep, dirents) {
+        let standing = fd_refusal.remembered.filter(|_| fd_refusal.stands);
+        let counted = match standing {
+            Some(refusal) => Err(refusal.error()),
+            None => {
+                let keep = may_keep(files);
+                let counted = count_fds(&files.dir, &mut files.fd, keep, &mut bufs.dirents);
+                *fd_refusal.remembered = match &counted {
+                    Ok(_) => None,
+                    Err(err) => {
+                        let ids = fd_refusal.ids.or_else(|| dir_ids(&files.dir));
+                        Refusal::of(err, pid, ids, files.generation)
+                    }
+                };
+                counted
+            }
+        };
+        match counted {
             Ok(n) => Some(n),
             Err(err) if procfs::is_gone(&err) => return Err(err),
             Err(err) => {

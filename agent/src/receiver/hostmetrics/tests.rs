@@ -13,6 +13,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use super::fixture::{self, Process};
 use super::metadata::{self, Kind, ValueType};
 use super::*;
+use rustix::thread::CapabilitySet;
 
 const KERNEL: KernelConstants = KernelConstants {
     clk_tck: 100,
@@ -1360,23 +1361,18 @@ fn clocks_are_read_only_in_this_pid_namespaces_proc() {
     assert_eq!(procfs::process_cpu_ns(reaped), None);
 }
 
-#[test]
-fn a_refused_io_or_exe_is_counted_again_and_asked_again_when_due() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: a thread takes uid nobody, so that root's processes refuse it"
-    );
-    // Runs between any two scrapes, so that each reads it in full (no idle reuse), under a
-    // name of its own, the only one scraped.
-    let mut runner = std::process::Command::new("perl")
+/// A Perl process (of root's) that runs between any two scrapes, so that each reads it in
+/// full (no idle reuse), under a name of its own: `<prefix>-PID`.
+fn spawn_runner(prefix: &str) -> (std::process::Child, KillOnDrop, String) {
+    let runner = std::process::Command::new("perl")
         .args([
             "-e",
-            r#"$0 = "phxref-$$"; select(undef, undef, undef, 0.001) while 1"#,
+            &format!(r#"$0 = "{prefix}-$$"; select(undef, undef, undef, 0.001) while 1"#),
         ])
         .spawn()
         .expect("perl (Debian's essential perl-base) runs");
-    let _kill = KillOnDrop(runner.id());
-    let (pid, name) = (runner.id(), format!("phxref-{}", runner.id()));
+    let kill = KillOnDrop(runner.id());
+    let (pid, name) = (runner.id(), format!("{prefix}-{}", runner.id()));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap() != format!("{name}\n") {
         assert!(
@@ -1385,12 +1381,59 @@ fn a_refused_io_or_exe_is_counted_again_and_asked_again_when_due() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    (runner, kill, name)
+}
+
+/// What docs/hostmetrics.md says a non-root agent reads of another user's process with each
+/// capability: `exe` is behind the kernel's ptrace check alone, `fd/` behind its mode alone
+/// (0500, the process's owner), `io` behind both (0400, and the ptrace check).
+#[test]
+fn what_a_non_root_agent_reads_with_each_capability() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: a thread takes uid nobody, so that root's processes refuse it"
+    );
+    let (mut runner, _kill, name) = spawn_runner("phxcap");
+    let pid = runner.id();
+    let include = format!("    include: {{ names: [{name}], match_type: strict }}\n{FDS}");
+    // Whether `io`, `exe` and `fd/` are read.
+    let cases = [
+        (CapabilitySet::empty(), [false, false, false]),
+        (CapabilitySet::SYS_PTRACE, [false, true, false]),
+        (CapabilitySet::DAC_READ_SEARCH, [false, false, true]),
+        (
+            CapabilitySet::SYS_PTRACE | CapabilitySet::DAC_READ_SEARCH,
+            [true, true, true],
+        ),
+    ];
+    for (caps, read) in cases {
+        let (mut scrapers, _) = real_scrapers(&include);
+        let got = in_a_thread_of_its_own(|| {
+            set_thread_creds(Creds::Nobody(caps));
+            Refused::scrape(&mut scrapers, pid)
+        });
+        assert_eq!(got.read, read, "{caps:?}");
+        assert_eq!(got.errors, read.map(|r| u64::from(!r)), "{caps:?}");
+    }
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+}
+
+#[test]
+fn a_refused_io_exe_or_fd_is_counted_again_and_asked_again_when_due() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: a thread takes uid nobody, so that root's processes refuse it"
+    );
+    let (mut runner, _kill, name) = spawn_runner("phxref");
+    let pid = runner.id();
     // With the owner attribute off, the owner is read only to tell whether a refusal stands.
     for owner in [
         "",
         "    resource_attributes: { process.owner: { enabled: false } }\n",
     ] {
-        let include = format!("    include: {{ names: [{name}], match_type: strict }}\n{owner}");
+        let include =
+            format!("    include: {{ names: [{name}], match_type: strict }}\n{FDS}{owner}");
         let (mut scrapers, _) = real_scrapers(&include);
         refused_then_asked_again(pid, &mut scrapers);
     }
@@ -1398,39 +1441,136 @@ fn a_refused_io_or_exe_is_counted_again_and_asked_again_when_due() {
     runner.wait().unwrap();
 }
 
+const FDS: &str = "    metrics: { process.open_file_descriptors: { enabled: true } }\n";
+
+/// What one scrape got of process `pid`: whether its `io`, `exe` and `fd` count were read,
+/// the refusals of them counted, and whether it was reused as not having run.
+#[derive(Debug, PartialEq)]
+struct Refused {
+    read: [bool; 3],
+    errors: [u64; 3],
+    idle: bool,
+}
+
+impl Refused {
+    const ALL: Self = Self {
+        read: [false; 3],
+        errors: [1; 3],
+        idle: false,
+    };
+    const NONE: Self = Self {
+        read: [true; 3],
+        errors: [0; 3],
+        idle: false,
+    };
+
+    fn scrape(scrapers: &mut Scrapers, pid: u32) -> Self {
+        let output = scrapers.scrape(std::time::SystemTime::now());
+        let rm = by_pid(&output)[&i64::from(pid)].clone();
+        let values = values(&rm);
+        Self {
+            read: [
+                values.keys().any(|k| k.starts_with("process.disk.io")),
+                resource_attr(&rm, "process.executable.path").is_some(),
+                values.contains_key("process.open_file_descriptors{}"),
+            ],
+            errors: [Reason::Io, Reason::Exe, Reason::Fd]
+                .map(|r| output.errors.count("process", r)),
+            idle: output.idle_processes == 1,
+        }
+    }
+}
+
+/// Credentials for [`set_thread_creds`].
+enum Creds {
+    Root,
+    /// Uid nobody, with these capabilities.
+    Nobody(CapabilitySet),
+}
+
+const NOBODY: Creds = Creds::Nobody(CapabilitySet::empty());
+
+/// Gives the calling thread `creds`. Credentials are per thread, so a test thread of its own
+/// (`in_a_thread_of_its_own`) can change them and leave the rest of the test binary root's.
+fn set_thread_creds(creds: Creds) {
+    use rustix::process::Uid;
+    use rustix::thread::{set_capabilities, set_thread_res_uid};
+    match creds {
+        // Root's capabilities come back with it (the permitted set becomes the effective).
+        Creds::Root => set_thread_res_uid(None, Uid::ROOT, None).unwrap(),
+        Creds::Nobody(caps) => {
+            // The effective uid alone: leaving root clears the effective capabilities but
+            // keeps the permitted, from which `caps` are raised; the saved uid (root's)
+            // allows coming back.
+            set_thread_res_uid(None, Uid::from_raw(65534), None).unwrap();
+            let mut sets = rustix::thread::capabilities(None).unwrap();
+            sets.effective = caps;
+            set_capabilities(None, sets).unwrap();
+        }
+    }
+}
+
+fn in_a_thread_of_its_own<T: Send>(test: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| scope.spawn(test).join().unwrap())
+}
+
 /// Scrapes running process `pid` of root's, which `scrapers` alone reads: refused as nobody,
 /// then counted as refused again without asking while the refusal stands, then read when
 /// asked again.
 fn refused_then_asked_again(pid: u32, scrapers: &mut Scrapers) {
-    use rustix::process::Uid;
-    use rustix::thread::set_thread_res_uid;
-    // Whether its io and exe were read, and the refusals counted.
-    let read = |scrapers: &mut Scrapers| {
+    let mut read = || {
         std::thread::sleep(Duration::from_millis(20));
-        let output = scrapers.scrape(std::time::SystemTime::now());
-        let rm = by_pid(&output)[&i64::from(pid)].clone();
-        let io = values(&rm).keys().any(|k| k.starts_with("process.disk.io"));
-        let exe = resource_attr(&rm, "process.executable.path").is_some();
-        let errors = [Reason::Io, Reason::Exe].map(|r| output.errors.count("process", r));
-        (io, exe, errors)
+        Refused::scrape(scrapers, pid)
     };
+    in_a_thread_of_its_own(|| {
+        set_thread_creds(NOBODY);
+        assert_eq!(read(), Refused::ALL, "refused");
+        // Root again: readable now, but the refusal stands (the process's owner is the
+        // same) until it is due to be asked again.
+        set_thread_creds(Creds::Root);
+        let stands_for = process::refusal_stands_for(pid);
+        assert!((10..20).contains(&stands_for));
+        for scrape in 1..stands_for {
+            assert_eq!(read(), Refused::ALL, "scrape {scrape}");
+        }
+        assert_eq!(read(), Refused::NONE, "asked again");
+    });
+}
 
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // Credentials are per thread: this one alone is nobody, without capabilities.
-                set_thread_res_uid(None, Uid::from_raw(65534), None).unwrap();
-                assert_eq!(read(scrapers), (false, false, [1, 1]), "refused");
-                // Root again: readable now, but the refusal stands (the process's owner
-                // is the same) until it is due to be asked again.
-                set_thread_res_uid(None, Uid::ROOT, None).unwrap();
-                for scrape in 1..process::ASK_REFUSED_AGAIN_AFTER {
-                    let standing = read(scrapers);
-                    assert_eq!(standing, (false, false, [1, 1]), "scrape {scrape}");
-                }
-                assert_eq!(read(scrapers), (true, true, [0, 0]), "asked again");
-            })
-            .join()
-            .unwrap();
+#[test]
+fn refusals_of_one_scrape_are_asked_again_in_different_scrapes() {
+    let due: std::collections::BTreeSet<u64> =
+        (1000..1010).map(process::refusal_stands_for).collect();
+    assert_eq!(due, (10..20).collect());
+}
+
+#[test]
+fn a_refusal_of_a_process_that_did_not_run_stands_until_it_runs() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: a thread takes uid nobody, so that root's processes refuse it"
+    );
+    let prefix = format!("phx-r{}", std::process::id());
+    let include = format!("    include: {{ names: ['^{prefix}'], match_type: regexp }}\n{FDS}");
+    let (mut scrapers, _) = real_scrapers(&include);
+    let mut helper = Retitler::spawn(&format!("{prefix}-idle"));
+    let pid = helper.pid;
+    in_a_thread_of_its_own(|| {
+        set_thread_creds(NOBODY);
+        assert_eq!(Refused::scrape(&mut scrapers, pid), Refused::ALL, "refused");
+        set_thread_creds(Creds::Root);
+        // Reused from the next scrape (its parent `sh`, listed first, did not run either):
+        // the refusals stand past when a process that ran would be asked again, for it
+        // cannot have changed its credentials.
+        let idle = Refused {
+            idle: true,
+            ..Refused::ALL
+        };
+        for scrape in 1..=process::refusal_stands_for(pid) {
+            assert_eq!(Refused::scrape(&mut scrapers, pid), idle, "scrape {scrape}");
+        }
+        // Once it ran, read in full and asked again.
+        helper.retitle(&format!("{prefix}-ran"));
+        assert_eq!(Refused::scrape(&mut scrapers, pid), Refused::NONE, "asked");
     });
 }
