@@ -195,6 +195,10 @@ fn hostmetrics(c: &mut Criterion) {
     let real_cases = [
         ("real_proc/default", "{}"),
         ("real_proc/default_uncached", "{ max_open_files: 0 }"),
+        (
+            "real_proc/open_file_descriptors",
+            "{ metrics: { process.open_file_descriptors: { enabled: true } } }",
+        ),
     ];
     if let Ok(only_case) = std::env::var("PHOENIX_BENCH_ONLY") {
         let (floor, case) = match only_case.strip_prefix("floor:") {
