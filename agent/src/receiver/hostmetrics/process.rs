@@ -253,8 +253,8 @@ impl Known {
 }
 
 /// Scrapes after which a refused file is asked for again although the process's owner and
-/// group are the same: credentials can change without changing them (capabilities dropped).
-/// The least of [`refusal_stands_for`].
+/// group are the same: what the kernel checks can change without changing them (capabilities
+/// dropped, `PR_SET_DUMPABLE`). The least of [`refusal_stands_for`].
 pub(super) const ASK_REFUSED_AGAIN_AFTER: u64 = 10;
 
 /// Scrapes a refusal of process `pid` stands, owner and group the same: 10 to 19, by PID, so
@@ -271,8 +271,8 @@ pub(super) fn refusal_stands_for(pid: u32) -> u64 {
 /// instead, while it stands.
 #[derive(Debug, Clone, Copy)]
 struct Refusal {
-    /// Owner and group of `/proc/PID` when refused (of a non-dumpable process, root's): a
-    /// `setuid`, or an `exec` that changes credentials, changes them.
+    /// Owner and group of `/proc/PID` when refused, the process's effective ids: a `setuid`,
+    /// or an `exec` that changes credentials, changes them.
     ids: (u32, u32),
     errno: i32,
     /// The scrape from which it is asked again.
@@ -307,8 +307,7 @@ impl Refusal {
 /// Where [`read_unsettled`] finds and remembers a refusal of the `fd` directory.
 struct FdRefusal<'a> {
     remembered: &'a mut Option<Refusal>,
-    /// Counted again without asking: [`Refusal::standing`] on a full read; on a reuse, any
-    /// remembered one (a process that did not run has not changed its credentials).
+    /// Counted again without asking ([`Refusal::standing`]).
     stands: bool,
     /// Owner and group of `/proc/PID`, if read already.
     ids: Option<(u32, u32)>,
@@ -1061,8 +1060,9 @@ impl ProcessScraper {
                 // The passwd file changed the owner's name: build the resource afresh.
                 return None;
             }
+            // The owner is not read for a process that did not run: it is the same.
             let fd_refusal = FdRefusal {
-                stands: known.fd_refused.is_some(),
+                stands: known.fd_refused.is_some_and(|r| self.generation < r.due),
                 remembered: &mut known.fd_refused,
                 ids: None,
             };

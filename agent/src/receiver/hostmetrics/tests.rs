@@ -1427,15 +1427,37 @@ fn a_refused_io_exe_or_fd_is_counted_again_and_asked_again_when_due() {
     );
     let (mut runner, _kill, name) = spawn_runner("phxref");
     let pid = runner.id();
-    // With the owner attribute off, the owner is read only to tell whether a refusal stands.
-    for owner in [
-        "",
-        "    resource_attributes: { process.owner: { enabled: false } }\n",
-    ] {
-        let include =
-            format!("    include: {{ names: [{name}], match_type: strict }}\n{FDS}{owner}");
+    let fd_alone = "    metrics: { process.disk.io: { enabled: false }, \
+                    process.open_file_descriptors: { enabled: true } }\n    \
+                    resource_attributes: { process.owner: { enabled: false }, \
+                    process.executable.path: { enabled: false } }\n";
+    // With the owner attribute off, the owner is read only to tell whether a refusal stands,
+    // also when `fd/` is the only one.
+    let cases = [
+        (FDS.to_string(), Refused::ALL, Refused::NONE),
+        (
+            format!("{FDS}    resource_attributes: {{ process.owner: {{ enabled: false }} }}\n"),
+            Refused::ALL,
+            Refused::NONE,
+        ),
+        (
+            fd_alone.to_string(),
+            Refused {
+                read: [false; 3],
+                errors: [0, 0, 1],
+                idle: false,
+            },
+            Refused {
+                read: [false, false, true],
+                errors: [0; 3],
+                idle: false,
+            },
+        ),
+    ];
+    for (config, refused, read) in cases {
+        let include = format!("    include: {{ names: [{name}], match_type: strict }}\n{config}");
         let (mut scrapers, _) = real_scrapers(&include);
-        refused_then_asked_again(pid, &mut scrapers);
+        refused_then_asked_again(pid, &mut scrapers, refused, read);
     }
     runner.kill().unwrap();
     runner.wait().unwrap();
@@ -1514,26 +1536,26 @@ fn in_a_thread_of_its_own<T: Send>(test: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| scope.spawn(test).join().unwrap())
 }
 
-/// Scrapes running process `pid` of root's, which `scrapers` alone reads: refused as nobody,
-/// then counted as refused again without asking while the refusal stands, then read when
+/// Scrapes running process `pid` of root's, which `scrapers` alone reads: `refused` as nobody,
+/// then counted as refused again without asking while the refusal stands, then `read` when
 /// asked again.
-fn refused_then_asked_again(pid: u32, scrapers: &mut Scrapers) {
-    let mut read = || {
+fn refused_then_asked_again(pid: u32, scrapers: &mut Scrapers, refused: Refused, read: Refused) {
+    let mut scrape = || {
         std::thread::sleep(Duration::from_millis(20));
         Refused::scrape(scrapers, pid)
     };
     in_a_thread_of_its_own(|| {
         set_thread_creds(NOBODY);
-        assert_eq!(read(), Refused::ALL, "refused");
+        assert_eq!(scrape(), refused, "refused");
         // Root again: readable now, but the refusal stands (the process's owner is the
         // same) until it is due to be asked again.
         set_thread_creds(Creds::Root);
         let stands_for = process::refusal_stands_for(pid);
         assert!((10..20).contains(&stands_for));
-        for scrape in 1..stands_for {
-            assert_eq!(read(), Refused::ALL, "scrape {scrape}");
+        for n in 1..stands_for {
+            assert_eq!(scrape(), refused, "scrape {n}");
         }
-        assert_eq!(read(), Refused::NONE, "asked again");
+        assert_eq!(scrape(), read, "asked again");
     });
 }
 
@@ -1545,7 +1567,7 @@ fn refusals_of_one_scrape_are_asked_again_in_different_scrapes() {
 }
 
 #[test]
-fn a_refusal_of_a_process_that_did_not_run_stands_until_it_runs() {
+fn a_process_that_did_not_run_keeps_its_io_and_exe_refusals_and_is_asked_for_fd_when_due() {
     assert!(
         rustix::process::geteuid().is_root(),
         "needs root: a thread takes uid nobody, so that root's processes refuse it"
@@ -1559,17 +1581,29 @@ fn a_refusal_of_a_process_that_did_not_run_stands_until_it_runs() {
         set_thread_creds(NOBODY);
         assert_eq!(Refused::scrape(&mut scrapers, pid), Refused::ALL, "refused");
         set_thread_creds(Creds::Root);
-        // Reused from the next scrape (its parent `sh`, listed first, did not run either):
-        // the refusals stand past when a process that ran would be asked again, for it
-        // cannot have changed its credentials.
+        // Reused from the next scrape (its parent `sh`, listed first, did not run either),
+        // refusals and all, until its `fd/`, listed again for a reuse, is due.
         let idle = Refused {
             idle: true,
             ..Refused::ALL
         };
-        for scrape in 1..=process::refusal_stands_for(pid) {
+        let stands_for = process::refusal_stands_for(pid);
+        for scrape in 1..stands_for {
             assert_eq!(Refused::scrape(&mut scrapers, pid), idle, "scrape {scrape}");
         }
-        // Once it ran, read in full and asked again.
+        let fd_asked = Refused {
+            read: [false, false, true],
+            errors: [1, 1, 0],
+            idle: true,
+        };
+        for scrape in stands_for..stands_for + 3 {
+            assert_eq!(
+                Refused::scrape(&mut scrapers, pid),
+                fd_asked,
+                "scrape {scrape}"
+            );
+        }
+        // Once it ran, read in full: `io` and `exe`, long due, asked again.
         helper.retitle(&format!("{prefix}-ran"));
         assert_eq!(Refused::scrape(&mut scrapers, pid), Refused::NONE, "asked");
     });
