@@ -1389,10 +1389,7 @@ fn spawn_runner(prefix: &str) -> (std::process::Child, KillOnDrop, String) {
 /// (0500, the process's owner), `io` behind both (0400, and the ptrace check).
 #[test]
 fn what_a_non_root_agent_reads_with_each_capability() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: a thread takes uid nobody, so that root's processes refuse it"
-    );
+    assert_root_to_be_refused();
     let (mut runner, _kill, name) = spawn_runner("phxcap");
     let pid = runner.id();
     let include = format!("    include: {{ names: [{name}], match_type: strict }}\n{FDS}");
@@ -1421,10 +1418,7 @@ fn what_a_non_root_agent_reads_with_each_capability() {
 
 #[test]
 fn a_refused_io_exe_or_fd_is_counted_again_and_asked_again_when_due() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: a thread takes uid nobody, so that root's processes refuse it"
-    );
+    assert_root_to_be_refused();
     let (mut runner, _kill, name) = spawn_runner("phxref");
     let pid = runner.id();
     let fd_alone = "    metrics: { process.disk.io: { enabled: false }, \
@@ -1503,6 +1497,13 @@ impl Refused {
     }
 }
 
+fn assert_root_to_be_refused() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root: a thread takes uid nobody, so that root's processes refuse it"
+    );
+}
+
 /// Credentials for [`set_thread_creds`].
 enum Creds {
     Root,
@@ -1568,10 +1569,7 @@ fn refusals_of_one_scrape_are_asked_again_in_different_scrapes() {
 
 #[test]
 fn a_process_that_did_not_run_keeps_its_io_and_exe_refusals_and_is_asked_for_fd_when_due() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "needs root: a thread takes uid nobody, so that root's processes refuse it"
-    );
+    assert_root_to_be_refused();
     let prefix = format!("phx-r{}", std::process::id());
     let include = format!("    include: {{ names: ['^{prefix}'], match_type: regexp }}\n{FDS}");
     let (mut scrapers, _) = real_scrapers(&include);
