@@ -280,13 +280,25 @@ struct Refusal {
 }
 
 impl Refusal {
-    /// `err`, if it is a refusal, to remember for process `pid` owned by `ids`.
-    fn of(err: &io::Error, pid: u32, ids: Option<(u32, u32)>, generation: u64) -> Option<Self> {
-        let errno = err.raw_os_error()?;
-        let refused = errno == rustix::io::Errno::ACCESS.raw_os_error()
-            || errno == rustix::io::Errno::PERM.raw_os_error();
+    /// What to remember of `answer`, the kernel's to a read of process `pid`'s `dir`: the
+    /// refusal it is, with the directory's owner and group (`ids`, `fstat`ed now if not yet),
+    /// or nothing.
+    fn remember<T>(
+        answer: &io::Result<T>,
+        pid: u32,
+        dir: &OwnedFd,
+        ids: &mut Option<(u32, u32)>,
+        generation: u64,
+    ) -> Option<Self> {
+        let errno = answer.as_ref().err()?.raw_os_error()?;
+        if errno != rustix::io::Errno::ACCESS.raw_os_error()
+            && errno != rustix::io::Errno::PERM.raw_os_error()
+        {
+            return None;
+        }
+        *ids = ids.or_else(|| dir_ids(dir));
         Some(Self {
-            ids: ids.filter(|_| refused)?,
+            ids: (*ids)?,
             errno,
             due: generation.saturating_add(refusal_stands_for(pid)),
         })
@@ -309,8 +321,8 @@ struct FdRefusal<'a> {
     remembered: &'a mut Option<Refusal>,
     /// Counted again without asking ([`Refusal::standing`]).
     stands: bool,
-    /// Owner and group of `/proc/PID`, if read already.
-    ids: Option<(u32, u32)>,
+    /// Owner and group of `/proc/PID`, if read already; read for a new refusal.
+    ids: &'a mut Option<(u32, u32)>,
 }
 
 /// Buffers of one scraper, for what [`read_unsettled`] reads.
@@ -1061,10 +1073,11 @@ impl ProcessScraper {
                 return None;
             }
             // The owner is not read for a process that did not run: it is the same.
+            let mut ids = None;
             let fd_refusal = FdRefusal {
                 stands: known.fd_refused.is_some_and(|r| self.generation < r.due),
                 remembered: &mut known.fd_refused,
-                ids: None,
+                ids: &mut ids,
             };
             let unsettled =
                 read_unsettled(pid, m, files, room, &mut self.unsettled, fd_refusal, ctx);
@@ -1299,18 +1312,18 @@ impl ProcessScraper {
             if let Some(err) = Refusal::standing(known.exe_refused, ids, self.generation) {
                 gone_or!(err, Reason::Exe, s.mute_exe, "exe");
             } else {
-                match rustix::fs::readlinkat_raw(&files.dir, "exe", &mut self.link[..]) {
+                let read = rustix::fs::readlinkat_raw(&files.dir, "exe", &mut self.link[..])
+                    .map_err(io::Error::from);
+                known.exe_refused =
+                    Refusal::remember(&read, pid, &files.dir, &mut ids, self.generation);
+                match read {
                     Ok(len) => {
                         let target = self.link.get(..len).unwrap_or_default();
                         let exe = String::from_utf8_lossy(target).into_owned();
                         known.exe = Some((stat.comm.into(), exe));
-                        known.exe_refused = None;
                     }
                     Err(err) => {
-                        let err = io::Error::from(err);
                         known.exe = None;
-                        ids = ids.or_else(|| dir_ids(&files.dir));
-                        known.exe_refused = Refusal::of(&err, pid, ids, self.generation);
                         gone_or!(err, Reason::Exe, s.mute_exe, "exe");
                     }
                 }
@@ -1338,7 +1351,7 @@ impl ProcessScraper {
         let fd_refusal = FdRefusal {
             stands: Refusal::standing(known.fd_refused, ids, self.generation).is_some(),
             remembered: &mut known.fd_refused,
-            ids,
+            ids: &mut ids,
         };
         let unsettled = read_unsettled(pid, m, files, room, &mut self.unsettled, fd_refusal, ctx);
         let (status, fds) = match unsettled {
@@ -1363,13 +1376,8 @@ impl ProcessScraper {
                 None => {
                     let keep = may_keep(files);
                     let read = read_file(&files.dir, &mut files.io, "io", keep, &mut self.io);
-                    known.io_refused = match &read {
-                        Ok(_) => None,
-                        Err(err) => {
-                            ids = ids.or_else(|| dir_ids(&files.dir));
-                            Refusal::of(err, pid, ids, self.generation)
-                        }
-                    };
+                    known.io_refused =
+                        Refusal::remember(&read, pid, &files.dir, &mut ids, self.generation);
                     read
                 }
             };
@@ -1503,13 +1511,8 @@ fn read_unsettled(
             None => {
                 let keep = may_keep(files);
                 let counted = count_fds(&files.dir, &mut files.fd, keep, &mut bufs.dirents);
-                *fd_refusal.remembered = match &counted {
-                    Ok(_) => None,
-                    Err(err) => {
-                        let ids = fd_refusal.ids.or_else(|| dir_ids(&files.dir));
-                        Refusal::of(err, pid, ids, files.generation)
-                    }
-                };
+                *fd_refusal.remembered =
+                    Refusal::remember(&counted, pid, &files.dir, fd_refusal.ids, files.generation);
                 counted
             }
         };
